@@ -395,7 +395,9 @@ def _figure(width=6, height=5):
 def save_latent(model, x, y, path, batch_size=2000):
     """Test-set posterior means coloured by label; first two principal components above 2-D."""
     mu = torch.cat([model.encode(to_float(xb))[0] for xb in x.split(batch_size)]).float().cpu()
-    if mu.shape[1] == 2:
+    if mu.shape[1] == 1:
+        points, labels = torch.stack([mu[:, 0], y.cpu().float()], 1), ("z[0]", "label")
+    elif mu.shape[1] == 2:
         points, labels = mu, ("z[0]", "z[1]")
     else:
         centred = mu - mu.mean(0)

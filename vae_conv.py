@@ -238,10 +238,9 @@ def main(argv=None):
                 print(f"stopped after epoch {epoch}; resume with: python {SCRIPT}.py --resume --out {args.out}")
                 return stop.exit_code()
 
-        final = {"test": rows[-1] if rows else None}
         if args.iw_samples:
             nll = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
-            final.update(iwae_nll=nll, iw_samples=args.iw_samples)
+            final = {"iwae_nll": nll, "iw_samples": args.iw_samples}
             print(f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={args.iw_samples}); -ELBO {rows[-1]['test_loss']:.2f}")
             common.save_checkpoint(args.checkpoint, common.checkpoint_state(args, MODEL_FLAGS, model, opt, args.epochs, rows, final=final))
     return 0
