@@ -4,6 +4,7 @@ import csv
 import gzip
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -315,3 +316,147 @@ def test_eval_only_and_generate(data_dir, tmp_path, capsys):
     assert "-ELBO" in printed and "IWAE" in printed
     assert vae_mlp.main(["--out", str(tmp_path), "--generate", "10"]) == 0
     assert imread(tmp_path / "generated.png").shape[:2] == grid_size(10, 4)
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line, exit 2 for flags and 1 otherwise, never a traceback
+
+
+def exit_of(main, argv, capsys):
+    """(exit code, stderr) of a script run as from the shell, in this process."""
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--epochs", "0"], ["--epochs", "-3"], ["--batch-size", "0"], ["--latent-dim", "0"],
+    ["--lr", "0"], ["--lr", "-1e-3"], ["--beta", "-1"], ["--epochs", "ten"], ["--lr", "nan"],
+    ["--dataset", "cifar"], ["--device", "tpu"], ["--iw-samples", "-1"],
+])
+def test_bad_flags_exit_2(flags, capsys):
+    code, err = exit_of(vae_conv.main, flags, capsys)
+    assert code == 2 and flags[0] in err
+
+
+def test_bad_flag_from_the_shell():
+    r = run_script("vae_mlp", "--batch-size", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--batch-size" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_missing_gpu_is_one_line_exit_1(tmp_path, capsys):
+    code, err = exit_of(vae_mlp.main, ["--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "--device cuda" in err
+
+
+def test_unwritable_out_fails_before_training(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = exit_of(vae_mlp.main, ["--data-dir", data_dir, "--out", str(blocker / "out")], capsys)
+    assert code == 1 and "cannot write to output folder" in err
+
+
+def test_bad_checkpoints_say_what_is_wrong(data_dir, tmp_path, capsys):
+    mlp, conv = tmp_path / "mlp", tmp_path / "conv"
+    train(vae_mlp, data_dir, mlp, "--iw-samples", "0")
+    train(vae_conv, data_dir, conv, "--iw-samples", "0", "--latent-dim", "4")
+    capsys.readouterr()
+    cases = {
+        "no checkpoint at": (vae_mlp, ["--eval-only", "--out", str(tmp_path / "none")]),
+        "written by vae_conv.py, not vae_mlp.py": (vae_mlp, ["--resume", "--checkpoint", str(conv / "checkpoint.pt")]),
+        "trained with --latent-dim 4, not 8": (vae_conv, ["--eval-only", "--out", str(conv), "--latent-dim", "8"]),
+        "trained with --dataset mnist, not fashion": (vae_mlp, ["--resume", "--out", str(mlp), "--dataset", "fashion"]),
+    }
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((mlp / "checkpoint.pt").read_bytes()[:5000])
+    cases["it may be truncated"] = (vae_mlp, ["--eval-only", "--checkpoint", str(truncated)])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    cases["not a checkpoint written by these scripts"] = (vae_mlp, ["--generate", "4", "--checkpoint", str(foreign)])
+    for message, (module, argv) in cases.items():
+        code, err = exit_of(module.main, ["--data-dir", data_dir, *argv], capsys)
+        assert code == 1 and message in err, (argv, err)
+
+
+def test_nan_loss_stops_with_epoch_batch_and_keeps_checkpoint(data_dir, tmp_path, capsys):
+    train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
+    code, err = exit_of(vae_mlp.main, ["--data-dir", data_dir, "--out", str(tmp_path), "--resume", "--epochs", "20",
+                                       "--lr", "1e6"], capsys)
+    assert code == 1 and re.search(r"loss became (nan|inf|-inf) at epoch \d+, batch \d+", err) and "lower --lr" in err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)  # the last good one
+    assert ckpt["epoch"] < 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"epoch": 1})
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        common.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------
+# Interrupt and resume
+
+
+def final_numbers(out):
+    return [(r["epoch"], r["train_loss"], r["test_loss"], r["test_kl"]) for r in read_metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(vae_mlp, data_dir, out, "--epochs", "3", "--batch-size", "16", "--binarize", "dynamic")
+    return out
+
+
+def test_sigint_mid_epoch_then_resume_matches(data_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    """A real SIGINT at batch 5 of epoch 2: exit 130, then --resume ends where the uninterrupted run ends."""
+    check = common.check_finite
+
+    def interrupt_at_batch_5_of_epoch_2(losses, i, epoch, lr):
+        if (epoch, i) == (2, 4):
+            os.kill(os.getpid(), signal.SIGINT)
+        return check(losses, i, epoch, lr)
+
+    monkeypatch.setattr(common, "check_finite", interrupt_at_batch_5_of_epoch_2)
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "3", "--batch-size", "16",
+            "--binarize", "dynamic", "--iw-samples", "4"]
+    code, err = exit_of(vae_mlp.main, argv, capsys)
+    assert code == 130
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["batch"] == 5
+    monkeypatch.undo()
+    assert vae_mlp.main(["--out", str(tmp_path), "--data-dir", data_dir, "--resume"]) == 0
+    assert final_numbers(tmp_path) == final_numbers(uninterrupted)
+    iwae = [torch.load(o / "checkpoint.pt", weights_only=False)["final"]["iwae_nll"] for o in (tmp_path, uninterrupted)]
+    assert iwae[0] == iwae[1]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_training_process_saves_and_resumes(sig, code, data_dir, uninterrupted, tmp_path):
+    argv = [sys.executable, os.path.join(HERE, "vae_mlp.py"), "--data-dir", data_dir, "--out", str(tmp_path),
+            "--epochs", "3", "--batch-size", "16", "--binarize", "dynamic", "--iw-samples", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("epoch   1/3"):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "resume with: python vae_mlp.py --resume" in out
+    r = run_script("vae_mlp", "--out", str(tmp_path), "--data-dir", data_dir, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert final_numbers(tmp_path) == final_numbers(uninterrupted)
