@@ -65,12 +65,21 @@ def nonnegative_float(text):
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(doc, script):
     """The flags both scripts share, in groups; each script adds its `model` group."""
     p = argparse.ArgumentParser(
         prog=f"{script}.py",
         description=doc.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="MNIST digits or Fashion-MNIST clothes")
