@@ -301,10 +301,12 @@ def test_training_lowers_the_loss(data_dir, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_gaussian_and_warmup_run(data_dir, tmp_path):
-    train(vae_mlp, data_dir, tmp_path, "--likelihood", "gaussian", "--kl-warmup", "2", "--epochs", "2", "--binarize", "dynamic")
+def test_gaussian_warmup_and_schedules_run(data_dir, tmp_path):
+    train(vae_mlp, data_dir, tmp_path, "--likelihood", "gaussian", "--kl-warmup", "2", "--epochs", "2", "--binarize", "dynamic",
+          "--lr-schedule", "cosine", "--lr", "0.002")
     rows = read_metrics(tmp_path)
     assert [float(r["kl_weight"]) for r in rows] == [0.5, 1.0]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.002, 0.001])  # cos(0), cos(pi/2)
     assert float(rows[-1]["test_recon"]) > 784 * 0.5 * math.log(2 * math.pi)  # the Gaussian constant
 
 
@@ -404,6 +406,69 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------
+# Fast paths compute what the plain path computes
+
+
+def test_learning_rate_schedules():
+    assert [common.learning_rate(e, 1e-3, 4, "constant") for e in (1, 4)] == [1e-3, 1e-3]
+    cosine = [common.learning_rate(e, 1e-3, 4, "cosine") for e in (1, 2, 3, 4)]
+    assert cosine[0] == 1e-3 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+
+
+def loss_and_grads(model, x, eps_seed=0):
+    logits, mu, logvar = model(x, generator=torch.Generator().manual_seed(eps_seed))
+    loss = (common.recon_nll(logits, x) + common.kl_std_normal(mu, logvar)).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_channels_last_gives_the_same_loss_and_gradients(name):
+    torch.manual_seed(0)
+    plain = SCRIPTS[name].VAE()
+    fast = SCRIPTS[name].VAE()
+    fast.load_state_dict(plain.state_dict())
+    common.speed_up(fast, False, torch.device("cpu"))
+    if name == "vae_conv":
+        assert fast.encoder[2].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not plain.encoder[2].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 28, 28)
+    (l1, g1), (l2, g2) = loss_and_grads(plain, x), loss_and_grads(fast, x)
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adam_takes_the_same_steps():
+    torch.manual_seed(0)
+    models = [vae_conv.VAE(latent_dim=4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.Adam(models[0].parameters(), lr=1e-3), torch.optim.Adam(models[1].parameters(), lr=1e-3, fused=True)]
+    x = torch.rand(8, 1, 28, 28)
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            _, grads = loss_and_grads(model, x, step)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        # Adam moves every weight by about lr = 1e-3 per step; the two differ by float rounding only
+        assert torch.allclose(a, b, rtol=0, atol=3e-5)
+
+
+def test_compiled_model_gives_the_same_loss_on_cpu():
+    """torch.compile (--compile) on the CPU, where its C++ backend runs: same loss and gradients."""
+    torch.manual_seed(0)
+    model = vae_mlp.VAE(hidden_dim=64, latent_dim=4)
+    compiled = common.speed_up(model, True, torch.device("cpu"))
+    x = torch.rand(16, 1, 28, 28)
+    (l1, g1), (l2, g2) = loss_and_grads(model, x), loss_and_grads(compiled, x)
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------

@@ -83,6 +83,8 @@ def train_epoch(model, opt, x_train, args, epoch, stop, partial=None):
     model.train()
     batches = common.epoch_order(len(x_train), args.batch_size, args.seed, epoch, x_train.device)
     beta = common.kl_weight(epoch, args.beta, args.kl_warmup)
+    for group in opt.param_groups:
+        group["lr"] = common.learning_rate(epoch, args.lr, args.epochs, args.lr_schedule)
     done, sums, seconds = (0, torch.zeros(3), 0.0) if partial is None else (partial["batch"], partial["sums"], partial["seconds"])
     sums = sums.to(x_train.device)  # recon, KL, -ELBO summed over images, kept on the device
     losses = torch.zeros(len(batches), device=x_train.device)
@@ -169,7 +171,8 @@ def main(argv=None):
         common.adopt_checkpoint_args(args, ckpt)
     common.seed_everything(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step_model = common.speed_up(model, args.compile, device)  # same math, faster: see common.py
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # fused: one kernel updates every tensor
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.generate:
@@ -192,12 +195,9 @@ def main(argv=None):
     rows, start, partial = [], 1, None
     if args.resume:
         opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
         rows, start, partial = ckpt["metrics"], ckpt["epoch"] + 1, ckpt["partial"]
         common.set_rng_state(ckpt["rng"])
         print(f"resuming from {args.checkpoint} at epoch {start}" + (f", batch {partial['batch'] + 1}" if partial else ""))
-    step_model = common.maybe_compile(model, args.compile, device)
     z_fixed = common.fixed_z(64, args.latent_dim, args.seed, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{SCRIPT}: {n_params:,} parameters on {device}; {args.dataset} {len(x_train)} train / {len(x_test)} test images, "
@@ -215,7 +215,7 @@ def main(argv=None):
             test = evaluate(model, x_test, args)
             common.save_pictures(model, data, z_fixed, args.out, epoch)
             elapsed += time.perf_counter() - t0
-            rows.append({"epoch": epoch, "kl_weight": common.kl_weight(epoch, args.beta, args.kl_warmup),
+            rows.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "kl_weight": common.kl_weight(epoch, args.beta, args.kl_warmup),
                          **{f"train_{k}": train[k] for k in ("recon", "kl", "loss")},
                          **{f"test_{k}": test[k] for k in ("recon", "kl", "loss")},
                          "images_per_s": train["images_per_s"], "epoch_s": train["seconds"], "elapsed_s": elapsed})
