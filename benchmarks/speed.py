@@ -1,13 +1,17 @@
 """Speed benchmark: one training epoch and one test evaluation, the tutorial way and ours.
 
-    python benchmarks/speed.py                 # all four cases, appended to benchmarks/RESULTS.md
+    python benchmarks/speed.py                 # all six cases, appended to benchmarks/RESULTS.md
     python benchmarks/speed.py --cases mlp conv --reps 5 --no-record
 
 Cases, on the same real MNIST and the same machine, each in a fresh process:
   mlp-tutorial, conv-tutorial  the usual loop: DataLoader over datasets.MNIST(transform=ToTensor()),
                                batch 128, shuffle, sigmoid + binary_cross_entropy, default memory
                                format, a .item() per step; the same architecture as our script
+  mlp-plain, conv-plain        our train_epoch and evaluate (data on the device, no DataLoader),
+                               but unfused Adam and without common.speed_up (no channels_last)
   mlp, conv                    vae_mlp.py's / vae_conv.py's own train_epoch and evaluate, defaults
+The test -ELBO after the timed epochs is printed for each, to show that the fast paths keep the numbers
+(plain and fast start from the same seed; they differ only by float rounding).
 For each: median seconds per epoch over --reps epochs, images/s, speed-up over the tutorial loop,
 share of the fp32 matmul peak (model FLOPs counted by torch.utils.flop_counter.FlopCounterMode,
 peak measured with a large matmul in the same process), test evaluation seconds, peak memory.
@@ -117,15 +121,16 @@ def run_tutorial(module, device, data_dir, reps):
     return model, times, len(train_set), timed(test, device), test()
 
 
-def run_ours(module, device, data_dir, reps):
-    """The script's own train_epoch and evaluate, with its default flags."""
+def run_ours(module, device, data_dir, reps, plain=False):
+    """The script's own train_epoch and evaluate, with its default flags; plain: without
+    common.speed_up and with unfused Adam (same math: shows what those two buy)."""
     args = module.get_args(["--data-dir", data_dir])
     data = common.load_data(args.dataset, args.data_dir, device, args.binarize)
     x_train, x_test = data["train"][0], data["test"][0]
     common.seed_everything(args.seed)
     model = module.VAE(**{k: getattr(args, k) for k in module.MODEL_FLAGS}).to(device)
-    step_model = common.speed_up(model, args.compile, device)  # as in main()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    step_model = model if plain else common.speed_up(model, args.compile, device)  # as in main()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=not plain)
     stop = common.StopRequest()  # never set: no signal handler is installed
     results = []
     times = [timed(lambda e=e: results.append(module.train_epoch(step_model, opt, x_train, args, e, stop)), device)
@@ -137,8 +142,10 @@ def run_ours(module, device, data_dir, reps):
 def one_case(case, device_name, data_dir, reps):
     device = common.get_device(device_name)
     script = case.split("-")[0]
-    runner = run_tutorial if case.endswith("-tutorial") else run_ours
-    model, times, n_images, test_s, test_loss = runner(SCRIPTS[script], device, data_dir, reps)
+    if case.endswith("-tutorial"):
+        model, times, n_images, test_s, test_loss = run_tutorial(SCRIPTS[script], device, data_dir, reps)
+    else:
+        model, times, n_images, test_s, test_loss = run_ours(SCRIPTS[script], device, data_dir, reps, case.endswith("-plain"))
     flops = flops_per_image(model, device) * n_images
     peak = matmul_peak(device)
     epoch_s = statistics.median(times)
@@ -165,7 +172,7 @@ def main():
 
     rows = {}
     for script in args.cases:
-        for case in (f"{script}-tutorial", script):
+        for case in (f"{script}-tutorial", f"{script}-plain", script):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", case, "--reps", str(args.reps),
                    "--device", args.device, "--data-dir", args.data_dir]
             print(f"running {case} ...", flush=True)
