@@ -348,6 +348,15 @@ def test_bad_flag_from_the_shell():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--batch-size" in r.stderr
 
 
+def test_each_script_keeps_its_own_learning_rate(capsys):
+    # the measured best of benchmarks/RESULTS.md: 3e-3 for the MLP, 1e-3 for the conv net
+    assert vae_mlp.get_args([]).lr == 3e-3 and vae_conv.get_args([]).lr == 1e-3
+    assert vae_mlp.get_args(["--lr", "1e-4"]).lr == 1e-4
+    with pytest.raises(SystemExit):
+        vae_mlp.get_args(["--help"])
+    assert "(default: 0.003)" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_missing_gpu_is_one_line_exit_1(tmp_path, capsys):
     code, err = exit_of(vae_mlp.main, ["--device", "cuda", "--out", str(tmp_path)], capsys)

@@ -13,6 +13,8 @@ to benchmarks/RESULTS.md (unless --no-record).
 
 import argparse
 import datetime
+import hashlib
+import math
 import os
 import platform
 import shlex
@@ -37,10 +39,19 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
-def finished(path, cmd):
-    """A checkpoint that this exact command wrote to the end (for --reuse)."""
+def code_hash(script):
+    """The script and common.py as they are now: a changed default must not reuse an old run."""
+    digest = hashlib.sha256()
+    for name in (f"{script}.py", "common.py"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def finished(path, mark):
+    """A checkpoint that this exact command and code wrote to the end (for --reuse): marked after it exits 0."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt.get("bench_cmd") == cmd and ckpt.get("final") is not None
+    return ckpt.get("bench_mark") == mark
 
 
 def main():
@@ -54,7 +65,7 @@ def main():
     p.add_argument("--target", type=float, help="pass if the mean IWAE NLL is at most this")
     p.add_argument("--target-elbo", type=float, help="pass if the mean test -ELBO is at most this")
     p.add_argument("--note", default="", help="a line written under the section title (what was tried)")
-    p.add_argument("--reuse", action="store_true", help="keep seeds already run to the end by the same command")
+    p.add_argument("--reuse", action="store_true", help="keep seeds already run to the end by the same command and code")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args, extra = p.parse_known_args()  # anything else goes to the script
 
@@ -66,7 +77,8 @@ def main():
         cmd = [sys.executable, os.path.join(ROOT, f"{args.script}.py"), "--data-dir", args.data_dir,
                "--out", out, "--seed", str(seed), *flags]
         path = os.path.join(out, "checkpoint.pt")
-        done = args.reuse and os.path.exists(path) and finished(path, cmd)
+        mark = {"cmd": cmd, "code": code_hash(args.script)}
+        done = args.reuse and os.path.exists(path) and finished(path, mark)
         print("$", shlex.join(cmd), "(reused)" if done else "", flush=True)
         t0 = time.perf_counter()
         if not done:
@@ -74,14 +86,16 @@ def main():
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         wall = ckpt.get("bench_wall_s") or time.perf_counter() - t0
         if not done:
-            ckpt["bench_wall_s"], ckpt["bench_cmd"] = wall, cmd
+            ckpt["bench_wall_s"], ckpt["bench_mark"] = wall, mark
             torch.save(ckpt, path)
         last = ckpt["metrics"][-1]
         runs.append({"seed": seed, "recon": last["test_recon"], "kl": last["test_kl"], "elbo": last["test_loss"],
                      "iwae": (ckpt["final"] or {}).get("iwae_nll", float("nan")), "wall": wall})
 
     def mean(key):
-        values = [r[key] for r in runs]
+        values = [r[key] for r in runs if math.isfinite(r[key])]  # the IWAE column is nan when K = 0
+        if not values:
+            return "—"
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
@@ -98,9 +112,9 @@ def main():
         f"`{command}`  ",
         f"{datetime.date.today()}, {machine()}, torch {torch.__version__}",
         "",
-        "| seed | test recon | test KL | test -ELBO | IWAE NLL (K={}) | wall s |".format(args.iw_samples),
+        f"| seed | test recon | test KL | test -ELBO | IWAE NLL (K={args.iw_samples or 'off'}) | wall s |",
         "| --- | --- | --- | --- | --- | --- |",
-        *(f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | {r['iwae']:.2f} | {r['wall']:.0f} |" for r in runs),
+        *(f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | {r['iwae']:.2f} | {r['wall']:.0f} |".replace("| nan |", "| — |") for r in runs),
         f"| mean ± sd | {mean('recon')} | {mean('kl')} | {mean('elbo')} | {mean('iwae')} | {mean('wall')} |",
         "",
         *(f"{v}  " for v in verdicts),
