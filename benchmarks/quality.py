@@ -92,8 +92,11 @@ def main():
         runs.append({"seed": seed, "recon": last["test_recon"], "kl": last["test_kl"], "elbo": last["test_loss"],
                      "iwae": (ckpt["final"] or {}).get("iwae_nll", float("nan")), "wall": wall})
 
+    def num(value):
+        return f"{value:.2f}" if math.isfinite(value) else "—"  # the IWAE column is nan when K = 0
+
     def mean(key):
-        values = [r[key] for r in runs if math.isfinite(r[key])]  # the IWAE column is nan when K = 0
+        values = [r[key] for r in runs if math.isfinite(r[key])]
         if not values:
             return "—"
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -104,6 +107,7 @@ def main():
         verdicts.append(f"IWAE NLL target <= {args.target}: {'PASS' if statistics.mean(r['iwae'] for r in runs) <= args.target else 'FAIL'}")
     if args.target_elbo is not None:
         verdicts.append(f"-ELBO target <= {args.target_elbo}: {'PASS' if statistics.mean(r['elbo'] for r in runs) <= args.target_elbo else 'FAIL'}")
+    iwae_title = f"IWAE NLL (K={args.iw_samples})" if args.iw_samples else "IWAE NLL (off)"
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     lines = [
         f"### quality: {args.script} {' '.join(flags)}",
@@ -112,9 +116,9 @@ def main():
         f"`{command}`  ",
         f"{datetime.date.today()}, {machine()}, torch {torch.__version__}",
         "",
-        f"| seed | test recon | test KL | test -ELBO | IWAE NLL (K={args.iw_samples or 'off'}) | wall s |",
+        f"| seed | test recon | test KL | test -ELBO | {iwae_title} | wall s |",
         "| --- | --- | --- | --- | --- | --- |",
-        *(f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | {r['iwae']:.2f} | {r['wall']:.0f} |".replace("| nan |", "| — |") for r in runs),
+        *(f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | {num(r['iwae'])} | {r['wall']:.0f} |" for r in runs),
         f"| mean ± sd | {mean('recon')} | {mean('kl')} | {mean('elbo')} | {mean('iwae')} | {mean('wall')} |",
         "",
         *(f"{v}  " for v in verdicts),
