@@ -75,8 +75,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def make_parser(doc, script):
-    """The flags both scripts share, in groups; each script adds its `model` group."""
+def make_parser(doc, script, lr):
+    """The flags both scripts share, in groups; each script adds its `model` group and gives its own
+    default learning rate (the best measured for its model)."""
     p = argparse.ArgumentParser(
         prog=f"{script}.py",
         description=doc.split("\n\n")[0],
@@ -93,7 +94,7 @@ def make_parser(doc, script):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (each script sets its own: the best measured for its model)")
+    g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate (the best measured for this model)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="cosine: the rate decays from --lr towards 0 over --epochs, one step per epoch")
     g.add_argument("--seed", type=int, default=1, help="seed for weights, data order and noise")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")

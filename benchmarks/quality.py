@@ -71,13 +71,14 @@ def main():
 
     flags = ["--epochs", str(args.epochs), "--binarize", args.binarize, "--iw-samples", str(args.iw_samples), *extra]
     tag = "-".join(f.lstrip("-") for f in flags)
+    code = code_hash(args.script)
     runs = []
     for seed in args.seeds:
         out = os.path.join(ROOT, "results", "bench", f"{args.script}-{tag}-seed{seed}")
         cmd = [sys.executable, os.path.join(ROOT, f"{args.script}.py"), "--data-dir", args.data_dir,
                "--out", out, "--seed", str(seed), *flags]
         path = os.path.join(out, "checkpoint.pt")
-        mark = {"cmd": cmd, "code": code_hash(args.script)}
+        mark = {"cmd": cmd, "code": code}
         done = args.reuse and os.path.exists(path) and finished(path, mark)
         print("$", shlex.join(cmd), "(reused)" if done else "", flush=True)
         t0 = time.perf_counter()
