@@ -3,32 +3,68 @@
     python vae_mlp.py --epochs 20          # train; pictures and checkpoint in results/vae_mlp/
     python vae_mlp.py --help               # every flag
 
+In Python or a notebook: `result = vae_mlp.main(["--epochs", "2"])` returns the model and metrics.
+
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2013), https://arxiv.org/abs/1312.6114
 The encoder gives q(z|x) = N(mu, diag(sigma^2)), the decoder p(x|z); training maximises
 the ELBO = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), reported as -ELBO in nats per image.
 """
 
 import math
-import os
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import common
-
-SCRIPT = "vae_mlp"
-MODEL_FLAGS = ("hidden_dim", "latent_dim")  # what VAE(...) takes; stored in the checkpoint
+import common  # plumbing only: data files, pictures, checkpoint files, device, progress, errors
 
 # ----------------------------------------------------------------------------
-# Config
+# Config: every setting that changes the math, with its default
+
+SCRIPT = "vae_mlp"
+MODEL_FLAGS = ("hidden_dim", "latent_dim")  # VAE(**config) rebuilds the model
 
 
-def get_args(argv=None):
-    p = common.make_parser(__doc__, SCRIPT, lr=3e-3)  # 2 nats better than 1e-3 for this model, as good as 5e-3 with less spread (benchmarks/RESULTS.md)
+def get_args(argv=()):
+    # fmt: off
+    p = common.ArgumentParser(f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
+    pos_int, pos_float = common.positive_int, common.positive_float
     g = p.add_argument_group("model")
-    g.add_argument("--hidden-dim", type=common.positive_int, default=400, help="width of the hidden layer on each side")
-    g.add_argument("--latent-dim", type=common.positive_int, default=20, help="dimension of z (2 adds manifold.png)")
+    g.add_argument("--hidden-dim", type=pos_int, default=400, help="width of each hidden layer")
+    g.add_argument("--latent-dim", type=pos_int, default=20, help="dim of z (2 adds manifold.png)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist",
+                   help="MNIST digits or Fashion-MNIST clothes")
+    g.add_argument("--data-dir", default="./data",
+                   help="holds MNIST/raw/ (torchvision's layout) or the four IDX files")
+    g.add_argument("--binarize", choices=["none", "dynamic"], default="none",
+                   help="dynamic: x ~ Bernoulli(pixel) afresh every batch, the test set once "
+                        "(the papers' protocol); none: grey pixels in [0, 1]")
+    g = p.add_argument_group("loss")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                   help="p(x|z): Bernoulli on logits (BCE), or N(x_hat, 1) (MSE/2 + a constant)")
+    g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
+                   help="weight of the KL term (1: the ELBO)")
+    g.add_argument("--kl-warmup", type=common.nonnegative_int, default=0, metavar="EPOCHS",
+                   help="the KL weight rises linearly from 0 to --beta over EPOCHS (0: off)")
+    g.add_argument("--train-k", type=pos_int, default=1, metavar="K",
+                   help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
+    g.add_argument("--batch-size", type=pos_int, default=128, help="images per Adam step")
+    g.add_argument("--lr", type=pos_float, default=3e-3,
+                   help="Adam's learning rate (1e-3 is 2 nats worse for this model: RESULTS.md)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                   help="cosine: decays from --lr towards 0 over --epochs, set at each epoch")
+    g.add_argument("--seed", type=common.seed, default=1, help="for weights, data order and noise")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--iw-samples", type=common.nonnegative_int, default=100, metavar="K",
+                   help="K of the importance-weighted bound on log p(x) at the end (0: off)")
+    common.add_run_flags(p, SCRIPT)  # --device --compile --eval-only --generate --out --resume
+    # fmt: on
     return common.parse_args(p, argv, SCRIPT)
 
 
@@ -67,174 +103,251 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
+# ----------------------------------------------------------------------------
+# The ELBO and the importance-weighted bound, per image, in nats
+
+
 def reparameterize(mu, logvar, generator=None):
-    # z = mu + sigma * eps, eps ~ N(0, I): z stays differentiable in mu and logvar (K&W 2013, sec. 2.4)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    # z = mu + sigma * eps, eps ~ N(0, I): differentiable in mu and sigma (K&W 2013, sec. 2.4)
     return mu + torch.exp(0.5 * logvar) * eps
+
+
+def recon_nll(logits, x, likelihood):
+    """-log p(x|z) summed over pixels: (B, 1, 28, 28) -> (B,)."""
+    if likelihood == "bernoulli":
+        # -log Bernoulli(x; sigmoid(l)) = softplus(l) - x * l, stable for any l (no log 0)
+        nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    else:
+        # -log N(x; x_hat, 1) = (x - x_hat)^2 / 2 + log(2 pi) / 2, x_hat = sigmoid(l)
+        nll = 0.5 * (x - torch.sigmoid(logits)) ** 2 + 0.5 * math.log(2 * math.pi)
+    return nll.flatten(1).sum(1)
+
+
+def kl_std_normal(mu, logvar):
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)): (..., D) -> (...)."""
+    # -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)   (Kingma & Welling 2013, App. B)
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+
+
+def log_normal(z, mu, logvar):
+    """log N(z; mu, diag(exp(logvar))) summed over the last dim: (..., D) -> (...)."""
+    # log N = -1/2 sum_j (log 2 pi + log sigma_j^2 + (z_j - mu_j)^2 / sigma_j^2)
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+def log_weights(model, x, mu, logvar, eps, likelihood):
+    """log p(x|z_k) and log p(z_k) - log q(z_k|x), each (K, B), for z_k = mu + sigma * eps_k."""
+    k = len(eps)  # eps: (K, B, D)
+    z = mu + torch.exp(0.5 * logvar) * eps  # z_k ~ q(z|x), (K, B, D)
+    logits = model.decode(z.flatten(0, 1))  # (K*B, 1, 28, 28)
+    log_px_z = -recon_nll(logits, x.expand(k, *x.shape).flatten(0, 1), likelihood).view(k, -1)
+    zero = torch.zeros_like(z)
+    return log_px_z, log_normal(z, zero, zero) - log_normal(z, mu, logvar)
+
+
+def neg_elbo(model, x, likelihood, beta=1.0):
+    """Recon and KL per image (B,), and the loss: the -ELBO averaged over the batch."""
+    logits, mu, logvar = model(x)
+    recon = recon_nll(logits, x, likelihood)  # -log p(x|z), one z ~ q(z|x) per image
+    kl = kl_std_normal(mu, logvar)
+    # -ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z))   (K&W 2013, eq. 10; beta: Higgins et al.)
+    return recon, kl, (recon + beta * kl).mean()
+
+
+def neg_iwae(model, x, likelihood, k, beta=1.0):
+    """Recon (of z_1) and KL per image (B,), and the loss: -L_K averaged over the batch."""
+    mu, logvar = model.encode(x)  # (B, D)
+    eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)  # (K, B, D)
+    log_px_z, log_pz_qz = log_weights(model, x, mu, logvar, eps, likelihood)  # (K, B) each
+    log_w = log_px_z + beta * log_pz_qz  # log w_k = log p(x|z_k) p(z_k) / q(z_k|x) at beta = 1
+    # L_K = log 1/K sum_k w_k   (Burda et al. 2015, eq. 8)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+    return -log_px_z[0], kl_std_normal(mu, logvar), -bound.mean()
+
+
+def learning_rate(epoch, args):
+    """Adam's rate in `epoch` (1-based): constant, or cosine from --lr towards 0 over the run."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    # lr_e = lr / 2 (1 + cos(pi (e - 1) / E))   (Loshchilov & Hutter 2017, eq. 5)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def kl_weight(epoch, args):
+    """The KL weight in `epoch` (1-based): 0 in epoch 1, rising linearly to --beta at
+    epoch --kl-warmup + 1 (Bowman et al. 2016, sec. 3.1); --beta throughout when it is 0."""
+    return args.beta * min(1.0, (epoch - 1) / args.kl_warmup) if args.kl_warmup else args.beta
+
+
+def to_float(x_uint8, binarize="none"):
+    """uint8 pixels -> [0, 1]; 'dynamic' draws x ~ Bernoulli(pixel) (a fresh sample each call)."""
+    x = x_uint8.float().div_(255)
+    return torch.bernoulli(x) if binarize == "dynamic" else x
 
 
 # ----------------------------------------------------------------------------
 # Training and evaluation
 
 
-def train_epoch(model, opt, x_train, args, epoch, stop, partial=None):
-    """One pass of Adam steps on the -ELBO; returns (per-image metrics, None), or, when a
-    signal stops it after a batch, (None, the state that --resume continues from)."""
+def train_epoch(model, opt, x_train, args, epoch):
+    """One pass of Adam steps over the training set in a random order (the last incomplete
+    batch is dropped). Returns per-image recon and KL and the loss of each batch, (batches, 3),
+    on the device: nothing here waits for it."""
     model.train()
-    batches = common.epoch_order(len(x_train), args.batch_size, args.seed, epoch, x_train.device)
-    beta = common.kl_weight(epoch, args.beta, args.kl_warmup)
     for group in opt.param_groups:
-        group["lr"] = common.learning_rate(epoch, args.lr, args.epochs, args.lr_schedule)
-    done, sums, seconds = (0, torch.zeros(3), 0.0) if partial is None else (partial["batch"], partial["sums"], partial["seconds"])
-    sums = sums.to(x_train.device)  # recon, KL, -ELBO summed over images, kept on the device
-    losses = torch.zeros(len(batches), device=x_train.device)
-    progress = common.Progress(epoch, args.epochs, len(batches), args.batch_size)
-    t0 = time.perf_counter() - seconds
-    for i in range(done, len(batches)):
-        x = common.to_float(x_train[batches[i]], args.binarize)  # (B, 1, 28, 28) in [0, 1]
-        logits, mu, logvar = model(x)
-        recon = common.recon_nll(logits, x, args.likelihood)  # -log p(x|z), (B,)
-        kl = common.kl_std_normal(mu, logvar)  # KL(q(z|x) || N(0, I)), (B,)
-        loss = (recon + beta * kl).mean()  # -ELBO per image (beta = 1)
+        group["lr"] = learning_rate(epoch, args)
+    beta = kl_weight(epoch, args)
+    n_batches = len(x_train) // args.batch_size
+    order = torch.randperm(len(x_train), device=x_train.device)[: n_batches * args.batch_size]
+    stats = torch.zeros(n_batches, 3, device=x_train.device)
+    progress = common.Progress(f"epoch {epoch}/{args.epochs}", n_batches)
+    for i, idx in enumerate(order.split(args.batch_size)):
+        x = to_float(x_train[idx], args.binarize)  # (B, 1, 28, 28) in [0, 1]
+        if args.train_k == 1:
+            recon, kl, loss = neg_elbo(model, x, args.likelihood, beta)
+        else:
+            recon, kl, loss = neg_iwae(model, x, args.likelihood, args.train_k, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums += torch.stack([recon.sum(), kl.sum(), (recon + kl).sum()]).detach()
-        losses[i] = loss.detach()
-        common.check_finite(losses, i, epoch, args.lr)
+        stats[i] = torch.stack([recon.mean(), kl.mean(), loss]).detach()
         progress.update(i + 1, loss)
-        if stop and i + 1 < len(batches):
-            progress.close()
-            return None, {"batch": i + 1, "sums": sums.cpu(), "seconds": time.perf_counter() - t0}
-    progress.close()
-    seconds = time.perf_counter() - t0
-    n = sum(len(b) for b in batches)
-    recon, kl, total = (sums / n).tolist()
-    return {"recon": recon, "kl": kl, "loss": total, "images_per_s": n / seconds, "seconds": seconds}, None
+    return stats
 
 
 @torch.no_grad()
 def evaluate(model, x_test, args, batch_size=2000):
-    """Test -ELBO, recon and KL per image, one z per image from fixed noise."""
+    """Test recon, KL and -ELBO per image, one z per image from fixed noise; and every mu."""
     model.eval()
-    g = common.eval_generator(x_test.device)
-    sums = torch.zeros(3, device=x_test.device)
+    g = torch.Generator(x_test.device).manual_seed(0)  # the same noise at every evaluation
+    sums, mus = torch.zeros(2, device=x_test.device), []
     for xb in x_test.split(batch_size):
-        x = common.to_float(xb)  # (B, 1, 28, 28); a binarized test set is fixed at load time
+        x = to_float(xb)  # (B, 1, 28, 28); a binarized test set is fixed at load time
         logits, mu, logvar = model(x, generator=g)
-        recon = common.recon_nll(logits, x, args.likelihood)
-        kl = common.kl_std_normal(mu, logvar)
-        sums += torch.stack([recon.sum(), kl.sum(), (recon + kl).sum()])
-    recon, kl, total = (sums / len(x_test)).tolist()
-    return {"recon": recon, "kl": kl, "loss": total}
+        sums += torch.stack([recon_nll(logits, x, args.likelihood), kl_std_normal(mu, logvar)]).sum(
+            1
+        )
+        mus.append(mu)
+    recon, kl = (sums / len(x_test)).tolist()
+    return {"recon": recon, "kl": kl, "loss": recon + kl}, torch.cat(mus)
 
 
 @torch.no_grad()
-def iwae_nll(model, x_test, k, likelihood, batch_size=1000, max_images=8192):
+def iwae_nll(model, x_test, k, likelihood, max_decodes=None):
     """-log p(x) per image, bounded with K importance samples (Burda et al. 2015, eq. 8):
 
-        log p(x) >= log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
+        log p(x) >= L_K = log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
-    Decodes at most `max_images` at once, so memory is bounded whatever K is.
+    The noise of B = 2^16 / K images is drawn at once, (K, B, D); the decoder takes at most
+    `max_decodes` of those z per call and log sum_k w_k is a running logsumexp over the calls,
+    so `max_decodes` sets speed and memory, never the number. Memory: about max_decodes
+    images plus the noise, K * max(B, 1) * D floats (128 MB for one image at K = 10^6, D = 32).
     """
     model.eval()
-    g = common.eval_generator(x_test.device)
-    total = 0.0
-    for xb in x_test.split(batch_size):
-        x = common.to_float(xb)  # (B, 1, 28, 28)
+    g = torch.Generator(x_test.device).manual_seed(0)  # the same K, the same number
+    max_decodes = max_decodes or (512 if x_test.device.type == "cpu" else 2**16)  # CPU: cache-sized
+    batch = max(1, min(len(x_test), 2**16 // k))  # images whose noise is drawn together
+    chunk = max(1, max_decodes // batch)  # samples per decoder call
+    total = torch.zeros((), device=x_test.device, dtype=torch.float64)
+    progress = common.Progress(f"IWAE bound, K={k}", len(x_test))
+    for i, xb in enumerate(x_test.split(batch)):
+        x = to_float(xb)  # (B, 1, 28, 28)
         mu, logvar = model.encode(x)  # (B, D)
-        log_w = []
-        for c in common.chunk_sizes(k, max(1, max_images // len(x))):
-            eps = torch.randn((c, *mu.shape), generator=g, device=mu.device)  # (c, B, D)
-            z = mu + torch.exp(0.5 * logvar) * eps  # z_k ~ q(z|x)
-            logits = model.decode(z.flatten(0, 1))  # (c*B, 1, 28, 28)
-            log_px_z = -common.recon_nll(logits, x.expand(c, *x.shape).flatten(0, 1), likelihood).view(c, -1)
-            log_pz = common.log_normal(z, torch.zeros_like(z), torch.zeros_like(z))  # log N(z; 0, I), (c, B)
-            log_qz = common.log_normal(z, mu, logvar)  # log q(z|x), (c, B)
-            log_w.append(log_px_z + log_pz - log_qz)
-        log_w = torch.cat(log_w)  # (K, B) log importance weights
-        total += (torch.logsumexp(log_w, dim=0) - math.log(k)).sum().item()  # log 1/K sum_k w_k
-    return -total / len(x_test)
+        eps = torch.randn((k, *mu.shape), generator=g, device=mu.device)  # (K, B, D)
+        lse = torch.full((len(x),), -math.inf, device=x.device)  # log sum_k w_k so far, (B,)
+        for e in eps.split(chunk):
+            log_w = sum(log_weights(model, x, mu, logvar, e, likelihood))  # (c, B)
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
+        total += (lse - math.log(k)).sum()  # sum over images of L_K
+        progress.update(min((i + 1) * batch, len(x_test)))
+    return -total.item() / len(x_test)
+
+
+@torch.no_grad()
+def grids(model, x, z):
+    """The pictures of one epoch, each (N, 1, 28, 28) in [0, 1] with its row length: samples
+    from the fixed z ~ N(0, I), test images above their reconstructions, interpolations."""
+    model.eval()
+
+    def mean(z):  # E[x|z] = sigmoid(logits) under either likelihood
+        return torch.sigmoid(model.decode(z))
+
+    mu, _ = model.encode(x)  # (2R, D), posterior means of 2R test images
+    n, t = len(x) // 2, torch.linspace(0, 1, 10, device=x.device).view(1, 10, 1)
+    walk = (1 - t) * mu[0::2, None] + t * mu[1::2, None]  # (R, 10, D): mu_a -> mu_b
+    decoded = mean(walk.flatten(0, 1)).view(n, 10, *x.shape[1:])
+    recon = mean(mu)
+    out = {
+        "samples.png": (mean(z), 8),
+        "reconstructions.png": (torch.cat([x[:n], recon[:n], x[n:], recon[n:]]), n),
+        "interpolation.png": (
+            torch.cat([x[0::2, None], decoded, x[1::2, None]], 1).flatten(0, 1),
+            12,
+        ),
+    }
+    if z.shape[1] == 2:  # the 2-D latent space itself: z on a grid of Gaussian quantiles 0.05..0.95
+        q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
+        z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # z2 grows upwards
+        out["manifold.png"] = (mean(torch.stack([z1, z2], -1).view(-1, 2).to(z.device)), 20)
+    return out
 
 
 # ----------------------------------------------------------------------------
 # Main
 
 
-def main(argv=None):
+def main(argv=()):
+    """Train as the flags say (or only evaluate, or sample); returns the model and its metrics."""
     args = get_args(argv)
     device = common.get_device(args.device)
-    common.prepare_out(args.out)
-    ckpt = None
-    if args.resume or args.eval_only or args.generate:
-        ckpt = common.load_checkpoint(args, MODEL_FLAGS)
-        common.adopt_checkpoint_args(args, ckpt)
-    common.seed_everything(args.seed)
+    ckpt = common.load_checkpoint(args, MODEL_FLAGS)  # None unless --resume/--eval-only/--generate
+    common.prepare_out(args)
+    torch.manual_seed(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
-    step_model = common.speed_up(model, args.compile, device)  # same math, faster: see common.py
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # fused: one kernel updates every tensor
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        common.load_weights(model, ckpt, args)
+    result = {"model": model, "metrics": ckpt["metrics"] if ckpt else [], "iwae_nll": None}
+    result["exit_code"] = 0
     if args.generate:
-        path = os.path.join(args.out, "generated.png")
-        common.save_generated(model, args.generate, args.latent_dim, path)
-        print(f"wrote {args.generate} samples to {path}")
+        z = torch.randn(args.generate, args.latent_dim, device=device)  # z ~ N(0, I)
+        common.save_grid(torch.sigmoid(model.decode(z)).detach(), args.out, "generated.png")
         if not args.eval_only:
-            return 0
-
-    data = common.load_data(args.dataset, args.data_dir, device, args.binarize)
-    x_train, x_test = data["train"][0], data["test"][0]
+            return result
+    data = common.load_data(args, device)  # uint8 (N, 1, 28, 28) images on the device, labels
+    (x_train, _), (x_test, y_test) = data["train"], data["test"]
     if args.eval_only:
-        test = evaluate(model, x_test, args)
-        print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test  {common.fmt(test)}")
+        result["test"], _ = evaluate(model, x_test, args)
+        print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test  {common.fmt(result['test'])}")
         if args.iw_samples:
-            nll = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
-            print(f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={args.iw_samples})")
-        return 0
+            result["iwae_nll"] = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
+            print(common.fmt_bound(result["iwae_nll"], args.iw_samples))
+        return result
 
-    rows, start, partial = [], 1, None
-    if args.resume:
-        opt.load_state_dict(ckpt["optimizer"])
-        rows, start, partial = ckpt["metrics"], ckpt["epoch"] + 1, ckpt["partial"]
-        common.set_rng_state(ckpt["rng"])
-        print(f"resuming from {args.checkpoint} at epoch {start}" + (f", batch {partial['batch'] + 1}" if partial else ""))
-    z_fixed = common.fixed_z(64, args.latent_dim, args.seed, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{SCRIPT}: {n_params:,} parameters on {device}; {args.dataset} {len(x_train)} train / {len(x_test)} test images, "
-          f"binarize {args.binarize}, {args.likelihood} likelihood; writing to {args.out}/")
-    elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-    with common.StopRequest() as stop:
-        for epoch in range(start, args.epochs + 1):
+    common.speed_up(model, args, args.batch_size)  # channels_last, --compile: same math, faster
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
+    rows = result["metrics"] = common.resume(args, ckpt, opt)  # one row per epoch done
+    z_fixed = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    x_shown = to_float(x_test[: min(16, len(x_test) // 2 * 2)])  # pairs of test images
+    saver = common.Saver(args, MODEL_FLAGS, model, opt, rows)  # pictures, metrics, checkpoint
+    common.print_header(args, model, data)
+    with common.StopOnSignal(args, saver) as stop:  # Ctrl-C: exit 130, resume later
+        for epoch in range(len(rows) + 1, args.epochs + 1):
+            torch.manual_seed(args.seed + epoch * 2**32)  # each epoch its own noise: no RNG state
             t0 = time.perf_counter()
-            train, partial = train_epoch(step_model, opt, x_train, args, epoch, stop, partial)
-            if train is None:  # stopped by a signal: save where we are
-                common.save_checkpoint(args.checkpoint, common.checkpoint_state(args, MODEL_FLAGS, model, opt, epoch - 1, rows, partial))
-                print(f"stopped in epoch {epoch} after batch {partial['batch']}; saved {args.checkpoint}\n"
-                      f"resume with: python {SCRIPT}.py --resume --out {args.out}")
-                return stop.exit_code()
-            test = evaluate(model, x_test, args)
-            common.save_pictures(model, data, z_fixed, args.out, epoch)
-            elapsed += time.perf_counter() - t0
-            rows.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "kl_weight": common.kl_weight(epoch, args.beta, args.kl_warmup),
-                         **{f"train_{k}": train[k] for k in ("recon", "kl", "loss")},
-                         **{f"test_{k}": test[k] for k in ("recon", "kl", "loss")},
-                         "images_per_s": train["images_per_s"], "epoch_s": train["seconds"], "elapsed_s": elapsed})
-            print(f"epoch {epoch:3d}/{args.epochs}  train {common.fmt(train)}  |  test {common.fmt(test)}  |  "
-                  f"{train['images_per_s']:6.0f} img/s  {elapsed:6.1f} s")
-            common.write_metrics(rows, args.out)
-            common.save_loss_curves(rows, os.path.join(args.out, "loss.png"))
-            common.save_checkpoint(args.checkpoint, common.checkpoint_state(args, MODEL_FLAGS, model, opt, epoch, rows))
-            if stop:
-                print(f"stopped after epoch {epoch}; resume with: python {SCRIPT}.py --resume --out {args.out}")
-                return stop.exit_code()
-
+            stats = train_epoch(model, opt, x_train, args, epoch)
+            common.check_finite(stats[:, 2], epoch, args)  # every batch's loss, before any save
+            result["test"], mu = evaluate(model, x_test, args)
+            lr, beta = opt.param_groups[0]["lr"], kl_weight(epoch, args)
+            common.add_row(rows, args, stats, result["test"], lr, beta, time.perf_counter() - t0)
+            saver.epoch(grids(model, x_shown, z_fixed.to(device)), mu, y_test)  # and its line
         if args.iw_samples:
-            nll = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
-            final = {"iwae_nll": nll, "iw_samples": args.iw_samples}
-            print(f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={args.iw_samples}); -ELBO {rows[-1]['test_loss']:.2f}")
-            common.save_checkpoint(args.checkpoint, common.checkpoint_state(args, MODEL_FLAGS, model, opt, args.epochs, rows, final=final))
-    return 0
+            result["iwae_nll"] = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
+            print(common.fmt_bound(result["iwae_nll"], args.iw_samples))
+            saver.checkpoint(final={"iwae_nll": result["iwae_nll"], "iw_samples": args.iw_samples})
+    result["exit_code"] = stop.exit_code
+    return result
 
 
 if __name__ == "__main__":
-    common.run(main)
+    sys.exit(common.run(main, sys.argv[1:]))
