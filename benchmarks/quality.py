@@ -49,13 +49,15 @@ def code_hash(script):
 
 
 def finished(path, mark):
-    """A checkpoint that this exact command and code wrote to the end (for --reuse): marked after it exits 0."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint this exact command and code wrote to the end (for --reuse): marked at exit 0."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt.get("bench_mark") == mark
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("script", choices=["vae_mlp", "vae_conv"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=20)
@@ -64,19 +66,44 @@ def main():
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--target", type=float, help="pass if the mean IWAE NLL is at most this")
     p.add_argument("--target-elbo", type=float, help="pass if the mean test -ELBO is at most this")
-    p.add_argument("--note", default="", help="a line written under the section title (what was tried)")
-    p.add_argument("--reuse", action="store_true", help="keep seeds already run to the end by the same command and code")
-    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--note", default="", help="a line written under the section title (what was tried)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep seeds already run to the end by the same command and code",
+    )
+    p.add_argument(
+        "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
+    )
     args, extra = p.parse_known_args()  # anything else goes to the script
 
-    flags = ["--epochs", str(args.epochs), "--binarize", args.binarize, "--iw-samples", str(args.iw_samples), *extra]
+    flags = [
+        "--epochs",
+        str(args.epochs),
+        "--binarize",
+        args.binarize,
+        "--iw-samples",
+        str(args.iw_samples),
+        *extra,
+    ]
     tag = "-".join(f.lstrip("-") for f in flags)
     code = code_hash(args.script)
     runs = []
     for seed in args.seeds:
         out = os.path.join(ROOT, "results", "bench", f"{args.script}-{tag}-seed{seed}")
-        cmd = [sys.executable, os.path.join(ROOT, f"{args.script}.py"), "--data-dir", args.data_dir,
-               "--out", out, "--seed", str(seed), *flags]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, f"{args.script}.py"),
+            "--data-dir",
+            args.data_dir,
+            "--out",
+            out,
+            "--seed",
+            str(seed),
+            *flags,
+        ]
         path = os.path.join(out, "checkpoint.pt")
         mark = {"cmd": cmd, "code": code}
         done = args.reuse and os.path.exists(path) and finished(path, mark)
@@ -84,14 +111,22 @@ def main():
         t0 = time.perf_counter()
         if not done:
             subprocess.run(cmd, check=True)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         wall = ckpt.get("bench_wall_s") or time.perf_counter() - t0
         if not done:
             ckpt["bench_wall_s"], ckpt["bench_mark"] = wall, mark
             torch.save(ckpt, path)
         last = ckpt["metrics"][-1]
-        runs.append({"seed": seed, "recon": last["test_recon"], "kl": last["test_kl"], "elbo": last["test_loss"],
-                     "iwae": (ckpt["final"] or {}).get("iwae_nll", float("nan")), "wall": wall})
+        runs.append(
+            {
+                "seed": seed,
+                "recon": last["test_recon"],
+                "kl": last["test_kl"],
+                "elbo": last["test_loss"],
+                "iwae": (ckpt["final"] or {}).get("iwae_nll", float("nan")),
+                "wall": wall,
+            }
+        )
 
     def num(value):
         return f"{value:.2f}" if math.isfinite(value) else "—"  # the IWAE column is nan when K = 0
@@ -104,10 +139,13 @@ def main():
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
     verdicts = []
-    if args.target is not None:
-        verdicts.append(f"IWAE NLL target <= {args.target}: {'PASS' if statistics.mean(r['iwae'] for r in runs) <= args.target else 'FAIL'}")
-    if args.target_elbo is not None:
-        verdicts.append(f"-ELBO target <= {args.target_elbo}: {'PASS' if statistics.mean(r['elbo'] for r in runs) <= args.target_elbo else 'FAIL'}")
+    for name, key, target in (
+        ("IWAE NLL", "iwae", args.target),
+        ("-ELBO", "elbo", args.target_elbo),
+    ):
+        if target is not None:
+            ok = statistics.mean(r[key] for r in runs) <= target
+            verdicts.append(f"{name} target <= {target}: {'PASS' if ok else 'FAIL'}")
     iwae_title = f"IWAE NLL (K={args.iw_samples})" if args.iw_samples else "IWAE NLL (off)"
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     lines = [
@@ -119,8 +157,13 @@ def main():
         "",
         f"| seed | test recon | test KL | test -ELBO | {iwae_title} | wall s |",
         "| --- | --- | --- | --- | --- | --- |",
-        *(f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | {num(r['iwae'])} | {r['wall']:.0f} |" for r in runs),
-        f"| mean ± sd | {mean('recon')} | {mean('kl')} | {mean('elbo')} | {mean('iwae')} | {mean('wall')} |",
+        *(
+            f"| {r['seed']} | {r['recon']:.2f} | {r['kl']:.2f} | {r['elbo']:.2f} | "
+            f"{num(r['iwae'])} | {r['wall']:.0f} |"
+            for r in runs
+        ),
+        f"| mean ± sd | {mean('recon')} | {mean('kl')} | {mean('elbo')} | {mean('iwae')} | "
+        f"{mean('wall')} |",
         "",
         *(f"{v}  " for v in verdicts),
         "",
