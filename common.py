@@ -285,16 +285,22 @@ def prepare_out(args):
             raise UserError(f"{flag}: cannot write to folder {folder}: {e.strerror or e}") from None
 
 
-def save_grid(images, out, name, nrow=None):
-    """(N, 1, 28, 28) images in [0, 1] as one PNG grid (torchvision's save_image)."""
-    from torchvision.utils import save_image
+def save_grid(images, out, name, nrow=None, padding=2):
+    """(N, 1, 28, 28) images in [0, 1] as one PNG grid, laid out as torchvision's save_image lays
+    it out. Not torchvision's own: importing torchvision takes 4 s here, more than all the
+    pictures of a 20-epoch MLP run (benchmarks/RESULTS.md); a test checks that they agree."""
+    from PIL import Image
 
-    nrow = nrow or math.ceil(math.sqrt(len(images)))
-    padding = 0 if name == "manifold.png" else 2
-    atomic_write(
-        os.path.join(out, name),
-        lambda f: save_image(images, f, format="png", nrow=nrow, padding=padding),
+    n, _, h, w = images.shape
+    cols = min(nrow or math.ceil(math.sqrt(n)), n)
+    grid = torch.zeros(
+        math.ceil(n / cols) * (h + padding) + padding, cols * (w + padding) + padding
     )
+    for i, image in enumerate(images.detach().float().cpu()):
+        top, left = (padding + k * (s + padding) for k, s in zip(divmod(i, cols), (h, w)))
+        grid[top : top + h, left : left + w] = image[0]
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
 
 
 def _figure(width, height, columns=1):
@@ -391,7 +397,7 @@ class Saver:
     def epoch(self, grids, mu, y):
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
         for name, (images, nrow) in grids.items():
-            save_grid(images, a.out, name, nrow)
+            save_grid(images, a.out, name, nrow, padding=0 if name == "manifold.png" else 2)
         save_grid(grids["samples.png"][0], a.out, f"samples_epoch_{epoch:02d}.png", 8)
         write_metrics(rows, a.out)
         budget = 0.02 * (time.perf_counter() - self.start)

@@ -315,6 +315,20 @@ def umask():
     return mask
 
 
+@pytest.mark.parametrize("n, nrow, padding", [(64, 8, 2), (10, None, 2), (7, 12, 2), (9, 3, 0)])
+def test_grids_are_laid_out_as_torchvision_does(n, nrow, padding, tmp_path):
+    from torchvision.utils import save_image
+
+    images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    common.save_grid(images, str(tmp_path), "ours.png", nrow, padding)
+    save_image(
+        images, tmp_path / "theirs.png", nrow=nrow or math.ceil(math.sqrt(n)), padding=padding
+    )
+    ours, theirs = imread(tmp_path / "ours.png"), imread(tmp_path / "theirs.png")
+    assert ours.shape == theirs.shape[:2]
+    assert (ours == theirs[..., 0]).all()
+
+
 def test_figures_cost_under_two_percent_until_the_last_epoch(data_dir, tmp_path):
     train(vae_mlp, data_dir, tmp_path, "--epochs", "2", "--iw-samples", "0")
     drawn = {p: os.stat(tmp_path / p).st_mtime_ns for p in ("latent.png", "loss.png")}
