@@ -485,9 +485,10 @@ def load_weights(model, ckpt, args):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # the model's code was changed since the checkpoint was written
+        detail = (str(e).strip().splitlines() or [""])[-1].strip()
         raise UserError(
             f"{args.checkpoint} does not fit this {args.script}.py's model "
-            f"({str(e).splitlines()[1].strip()}): train it again"
+            f"({detail[:150]}): train it again"
         ) from None
 
 
