@@ -61,46 +61,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show '(default: X)' only where there is a default worth showing."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
 def add_run_flags(p, script):
     """The flags that say where and how a script runs, not what it computes."""
+    # fmt: off
     g = p.add_argument_group("running")
-    g.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="auto: cuda, then mps, then cpu",
-    )
-    g.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the encoder and decoder (off by default: see README)",
-    )
-    g.add_argument(
-        "--eval-only",
-        action="store_true",
-        help="load the checkpoint, print test metrics and the IWAE bound, do not train",
-    )
-    g.add_argument(
-        "--generate",
-        type=positive_int,
-        metavar="N",
-        help="load the checkpoint, write N samples to OUT/generated.png, do not train",
-    )
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: cuda, then mps, then cpu")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the encoder and decoder (off by default: see README)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="load the checkpoint, print test metrics and the IWAE bound, do not train")
+    g.add_argument("--generate", type=positive_int, metavar="N",
+                   help="load the checkpoint, write N samples to OUT/generated.png, do not train")
     g = p.add_argument_group("output")
-    g.add_argument(
-        "--out",
-        help=f"folder for pictures, metrics.csv and checkpoint.pt (default: results/{script}/)",
-    )
-    g.add_argument(
-        "--checkpoint", help="for --resume/--eval-only/--generate (default: OUT/checkpoint.pt)"
-    )
+    g.add_argument("--out", help="folder for pictures, metrics.csv and checkpoint.pt "
+                                 f"(default: results/{script}/)")
+    g.add_argument("--checkpoint", help="for --resume/--eval-only/--generate "
+                                        "(default: OUT/checkpoint.pt)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
+    # fmt: on
 
 
 def parse_args(parser, argv, script):

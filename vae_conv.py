@@ -33,7 +33,7 @@ def get_args(argv=()):
                                 formatter_class=common.HelpFormatter, allow_abbrev=False)
     pos_int, pos_float = common.positive_int, common.positive_float
     g = p.add_argument_group("model")
-    g.add_argument("--channels", type=pos_int, default=32, help="of conv 1 (conv 2: twice)")
+    g.add_argument("--channels", type=pos_int, default=32, help="channels of conv 1 (2x in conv 2)")
     g.add_argument("--hidden-dim", type=pos_int, default=256, help="width of each FC layer")
     g.add_argument("--latent-dim", type=pos_int, default=32, help="dim of z (2 adds manifold.png)")
     g = p.add_argument_group("data")
