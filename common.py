@@ -371,7 +371,7 @@ class Saver:
     """What each epoch leaves in --out, then its line on stdout: the picture grids (samples.png
     also as samples_epoch_NN.png), metrics.csv, checkpoint.pt, and the matplotlib figures loss.png
     and latent.png, drawn after the last epoch and before it only while that costs under 2% of
-    the run (a figure takes about a second, an MLP epoch two)."""
+    the run (both take about a second: more than all the grids of a run)."""
 
     def __init__(self, args, model_flags, model, opt, rows):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
@@ -596,7 +596,8 @@ class Progress:
         if not self.enabled or (now - self.last < 0.25 and done < self.total):
             return
         self.last, rate = now, done / max(now - self.start, 1e-9)
-        line = f"{self.label}  {done}/{self.total}" + (f"  loss {loss.item():7.2f}" if loss else "")
+        line = f"{self.label}  {done}/{self.total}"
+        line += f"  loss {loss.item():7.2f}" if loss is not None else ""
         line += f"  ETA {(self.total - done) / max(rate, 1e-9):4.0f}s "
         print("\r" + (line if done < self.total else " " * len(line) + "\r"), end="", flush=True)
 
