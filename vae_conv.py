@@ -246,7 +246,7 @@ def evaluate(model, x_test, args, batch_size=2000):
 
 
 @torch.no_grad()
-def iwae_nll(model, x_test, k, likelihood, max_decodes=None):
+def iwae_nll(model, x_test, k, likelihood, max_decodes=None, progress=None):
     """-log p(x) per image, bounded with K importance samples (Burda et al. 2015, eq. 8):
 
         log p(x) >= L_K = log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
@@ -262,7 +262,6 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=None):
     batch = max(1, min(len(x_test), 2**16 // k))  # images whose noise is drawn together
     chunk = max(1, max_decodes // batch)  # samples per decoder call
     total = torch.zeros((), device=x_test.device, dtype=torch.float64)
-    progress = common.Progress(f"IWAE bound, K={k}", len(x_test))
     for i, xb in enumerate(x_test.split(batch)):
         x = to_float(xb)  # (B, 1, 28, 28)
         mu, logvar = model.encode(x)  # (B, D)
@@ -272,7 +271,8 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=None):
             log_w = sum(log_weights(model, x, mu, logvar, e, likelihood))  # (c, B)
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
         total += (lse - math.log(k)).sum()  # sum over images of L_K
-        progress.update(min((i + 1) * batch, len(x_test)))
+        if progress:  # a live line on a terminal
+            progress.update(min((i + 1) * batch, len(x_test)))
     return -total.item() / len(x_test)
 
 
@@ -332,8 +332,11 @@ def main(argv=()):
         result["test"], _ = evaluate(model, x_test, args)
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test  {common.fmt(result['test'])}")
         if args.iw_samples:
-            result["iwae_nll"] = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
-            print(common.fmt_bound(result["iwae_nll"], args.iw_samples))
+            bar = common.Progress(f"IWAE bound, K={args.iw_samples}", len(x_test))
+            nll = result["iwae_nll"] = iwae_nll(
+                model, x_test, args.iw_samples, args.likelihood, None, bar
+            )
+            print(common.fmt_bound(nll, args.iw_samples))
         return result
 
     common.speed_up(model, args, args.batch_size)  # channels_last, --compile: same math, faster
@@ -354,9 +357,12 @@ def main(argv=()):
             common.add_row(rows, args, stats, result["test"], lr, beta, time.perf_counter() - t0)
             saver.epoch(grids(model, x_shown, z_fixed.to(device)), mu, y_test)  # and its line
         if args.iw_samples:
-            result["iwae_nll"] = iwae_nll(model, x_test, args.iw_samples, args.likelihood)
-            print(common.fmt_bound(result["iwae_nll"], args.iw_samples))
-            saver.checkpoint(final={"iwae_nll": result["iwae_nll"], "iw_samples": args.iw_samples})
+            bar = common.Progress(f"IWAE bound, K={args.iw_samples}", len(x_test))
+            nll = result["iwae_nll"] = iwae_nll(
+                model, x_test, args.iw_samples, args.likelihood, None, bar
+            )
+            print(common.fmt_bound(nll, args.iw_samples))
+            saver.checkpoint(final={"iwae_nll": nll, "iw_samples": args.iw_samples})
     result["exit_code"] = stop.exit_code
     return result
 
