@@ -256,11 +256,11 @@ def main(argv=None):
             f"{nll:.2f} (K={args.iw_samples}) |"
         )
         rows.append({"iwae": nll, "k": args.iw_samples})
+    print(row, flush=True)  # first: a file error below must not lose the row
     os.makedirs(args.out, exist_ok=True)
-    name = flags.replace("--", "").replace(" ", "_").replace("(", "").replace(")", "")
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in flags.replace("--", ""))
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"flags": flags, "params": params, "row": row, "epochs": rows}, f, indent=1)
-    print(row, flush=True)
     return 0
 
 
