@@ -9,10 +9,12 @@
 import argparse
 import csv
 import gzip
+import hashlib
 import io
 import math
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -121,6 +123,13 @@ FILES = {
 }
 FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}  # torchvision's <dir>/<name>/raw/
 TEST_BINARIZE_SEED = 0  # the binarized test set is the same in every run
+NAMES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
+ORIGINALS = {  # md5 of each original file's bytes once unzipped (any gzip of them matches)
+    "mnist": ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+              "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"),
+    "fashion": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"),
+}  # fmt: skip
 
 
 def _present(folder):
@@ -166,8 +175,9 @@ def find_data(args):
     return found
 
 
-def read_idx(path, dims):
-    """The uint8 tensor in an IDX file (gzipped or not) with `dims` dimensions."""
+def read_idx(path, dims, dataset):
+    """The uint8 tensor in an IDX file (gzipped or not) with `dims` dimensions; refused when
+    it is the original file of the other data set than `dataset`."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not an IDX file")
     try:
@@ -190,6 +200,13 @@ def read_idx(path, dims):
             f"{path} has {len(data) - header} bytes of data where its header "
             f"{tuple(shape)} says {math.prod(shape)}: it is truncated; download it again"
         )
+    digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    for other in ORIGINALS.keys() - {dataset}:
+        if digest in ORIGINALS[other]:
+            raise UserError(
+                f"{path} is {NAMES[other]}'s, not {NAMES[dataset]}'s: pass "
+                f"--dataset {other}, or a --data-dir holding {NAMES[dataset]}"
+            )
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(shape)
 
 
@@ -201,7 +218,8 @@ def load_data(args, device):
     paths = find_data(args)
     data = {}
     for split, (images, labels) in FILES.items():
-        x, y = read_idx(paths[images], 3), read_idx(paths[labels], 1).long()
+        x, y = (read_idx(paths[f], dims, args.dataset) for f, dims in ((images, 3), (labels, 1)))
+        y = y.long()
         if x.shape[1:] != (28, 28):
             raise UserError(f"{paths[images]} holds {x.shape[1]}x{x.shape[2]} images, not 28x28")
         if len(x) != len(y):
@@ -231,7 +249,10 @@ def atomic_write(path, write, durable=False):
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=folder)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would: mkstemp makes it 0600
+        if hasattr(os, "fchmod"):  # as open() would: mkstemp makes it 0600
+            os.fchmod(fd, 0o666 & ~umask)
+        else:  # Windows before Python 3.13: by path (there it only sets read-only or not)
+            os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             if durable:
@@ -253,8 +274,15 @@ def atomic_write(path, write, durable=False):
             os.remove(tmp)
 
 
+RUN_FILES = ("samples.png", "reconstructions.png", "interpolation.png", "manifold.png",
+             "latent.png", "loss.png", "metrics.csv", "generated.png")  # fmt: skip
+
+
 def prepare_out(args):
-    """--out (and, to train, the checkpoint's folder) exist and are writable, before any work."""
+    """--out (and, to train, the checkpoint's folder) exist and are writable, before any work;
+    a new run removes the files of the run that was there (saying so), so none is left mixed."""
+    if not (args.resume or args.eval_only or args.generate):
+        _clear_old_run(args)
     folders = [("--out", args.out)]
     if not (args.eval_only or args.generate):
         if os.path.isdir(args.checkpoint):
@@ -267,6 +295,27 @@ def prepare_out(args):
                 pass
         except OSError as e:
             raise UserError(f"{flag}: cannot write to folder {folder}: {e.strerror or e}") from None
+
+
+def _clear_old_run(args):
+    names = [os.path.join(args.out, n) for n in RUN_FILES]
+    if os.path.isdir(args.out):
+        names += [os.path.join(args.out, n) for n in os.listdir(args.out)
+                  if n.startswith("samples_epoch_") and n.endswith(".png")]  # fmt: skip
+    old = [p for p in [args.checkpoint, *names] if os.path.isfile(p)]
+    if not old:
+        return
+    try:
+        epoch = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["epoch"]
+        what = f"a run at epoch {epoch} ({args.checkpoint}; --resume would have continued it)"
+    except Exception:  # no checkpoint, or not one of ours: the other files only
+        what = f"{len(old)} files of an earlier run"
+    print(f"note: {args.out}/ held {what}; starting a new run in its place", file=sys.stderr)
+    for path in old:
+        try:
+            os.remove(path)
+        except OSError as e:
+            raise UserError(f"cannot remove {path} of the earlier run: {e.strerror or e}") from None
 
 
 def save_grid(images, out, name, nrow=None, padding=2):
@@ -350,9 +399,10 @@ METRIC_FIELDS = [
     "test_recon",
     "test_kl",
     "test_loss",
-    "images_per_s",
-    "epoch_s",
-    "elapsed_s",
+    "images_per_s",  # training images per second of the training steps
+    "train_s",  # seconds of the epoch's training steps
+    "test_s",  # seconds of its test evaluation
+    "elapsed_s",  # seconds since training started, to the end of this evaluation
 ]
 
 
@@ -368,15 +418,31 @@ def write_metrics(rows, out):
 
 
 class Saver:
-    """What each epoch leaves in --out, then its line on stdout: the picture grids (samples.png
-    also as samples_epoch_NN.png), metrics.csv, checkpoint.pt, and the matplotlib figures loss.png
-    and latent.png, drawn after the last epoch and before it only while that costs under 2% of
-    the run (both take about a second: more than all the grids of a run)."""
+    """Each epoch's row of metrics, and what each epoch leaves in --out, then its line on
+    stdout: the picture grids (samples.png also as samples_epoch_NN.png), metrics.csv,
+    checkpoint.pt, and the matplotlib figures loss.png and latent.png, drawn after the last
+    epoch and before it only while that costs under 2% of the run (both take about a second:
+    more than all the grids of a run)."""
 
     def __init__(self, args, model_flags, model, opt, rows):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
         self.rows, self.saved = rows, len(rows)  # the epochs in the checkpoint on disk
         self.start, self.drawing_s, self.draw_cost = time.perf_counter(), 0.0, 1.0
+        self.elapsed_before = rows[-1]["elapsed_s"] if rows else 0.0  # of a resumed run
+
+    def add_row(self, stats, test, lr, kl_weight, seconds):
+        """One epoch's row. stats: (batches, 3) per-image recon, KL, loss of each batch;
+        seconds: of the training steps and of the test evaluation."""
+        recon, kl = stats[:, :2].mean(0).tolist()
+        train_s, test_s = seconds
+        self.rows.append({
+            "epoch": len(self.rows) + 1, "lr": lr, "kl_weight": kl_weight,
+            "train_recon": recon, "train_kl": kl, "train_loss": recon + kl,
+            **{f"test_{k}": v for k, v in test.items()},
+            "images_per_s": len(stats) * self.args.batch_size / train_s,
+            "train_s": train_s, "test_s": test_s,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
+        })  # fmt: skip
 
     def epoch(self, grids, mu, y):
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
@@ -401,8 +467,8 @@ class Saver:
             "script": a.script,
             "config": {k: getattr(a, k) for k in self.model_flags},  # VAE(**config) rebuilds it
             "args": {k: v for k, v in vars(a).items() if k != "explicit"},
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.opt.state_dict(),
+            "model": _on_cpu(self.model.state_dict()),
+            "optimizer": _on_cpu(self.opt.state_dict()),  # readable where there is no GPU
             "epoch": rows[-1]["epoch"],  # epochs completed
             "metrics": rows,
             "final": final,  # {"iwae_nll": ..., "iw_samples": K} once the bound is computed
@@ -411,10 +477,33 @@ class Saver:
         atomic_write(a.checkpoint, lambda f: torch.save(state, f), durable=True)
         self.saved = rows[-1]["epoch"]
 
+    def rewind(self):
+        """After an interrupt, what the checkpoint holds: the model of the last saved epoch and
+        its test metrics (the rows after it dropped); model and test are None if none was."""
+        del self.rows[self.saved :]
+        if not self.saved:
+            return {"model": None, "test": None}
+        if self.saved < self.args.epochs:  # stopped in training: the model moved on since
+            ckpt = torch.load(self.args.checkpoint, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(ckpt["model"])
+        return {"model": self.model, "test": {k: self.rows[-1][f"test_{k}"] for k in TERMS}}
+
+
+def _on_cpu(state):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
+
 
 CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "final")
 MUST_MATCH = ("dataset", "likelihood", "binarize")  # besides the model's own flags
-RUN_FLAGS = {"script", "out", "checkpoint", "resume", "eval_only", "generate", "data_dir", "device"}
+RUN_FLAGS = {"script", "out", "checkpoint", "resume", "eval_only", "generate", "data_dir", "device",
+             "compile"}  # fmt: skip
 
 
 def load_checkpoint(args, model_flags):
@@ -480,7 +569,10 @@ def resume(args, ckpt, opt):
     """The metrics so far (one row per epoch) and the optimizer's state; [] for a new run."""
     if not args.resume:
         return []
-    opt.load_state_dict(ckpt["optimizer"])
+    state = ckpt["optimizer"]
+    for group in state["param_groups"]:  # fused or not as this device wants, not as saved
+        group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
+    opt.load_state_dict(state)
     print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
     return list(ckpt["metrics"])
 
@@ -527,6 +619,13 @@ def speed_up(model, args, batch_size):
         model.zero_grad(set_to_none=True)
 
 
+def decodes_per_call(device, batch_size):
+    """How many z the IWAE bound decodes at once. CPU: 512, measured fastest (they fit the
+    cache). GPU: 8 training batches; decoding without gradients, that takes about as much
+    memory as two training steps, so the bound fits wherever training did."""
+    return 512 if device.type == "cpu" else 8 * batch_size
+
+
 def print_header(args, model, data):
     n_params = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device
@@ -551,35 +650,25 @@ def fmt_bound(nll, k):
     return f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={k})"
 
 
-def add_row(rows, args, stats, test, lr, kl_weight, seconds):
-    """Append one epoch's row of metrics.csv. stats: (batches, 3) per-image recon, KL, loss."""
-    recon, kl = stats[:, :2].mean(0).tolist()
-    rows.append({
-        "epoch": len(rows) + 1, "lr": lr, "kl_weight": kl_weight,
-        "train_recon": recon, "train_kl": kl, "train_loss": recon + kl,
-        **{f"test_{k}": v for k, v in test.items()},
-        "images_per_s": len(stats) * args.batch_size / seconds, "epoch_s": seconds,
-        "elapsed_s": (rows[-1]["elapsed_s"] if rows else 0.0) + seconds,
-    })  # fmt: skip
+TERMS = ("recon", "kl", "loss")
 
 
 def epoch_line(r, epochs):
-    train, test = (
-        {k: r[f"{split}_{k}"] for k in ("recon", "kl", "loss")} for split in ("train", "test")
-    )
+    train, test = ({k: r[f"{split}_{k}"] for k in TERMS} for split in ("train", "test"))
     return (f"epoch {r['epoch']:3d}/{epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "
             f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s")  # fmt: skip
 
 
-def check_finite(losses, epoch, args):
-    """Stop on a NaN/inf loss, naming its epoch and first bad batch: one check (sync) per epoch."""
+def check_finite(losses, epoch, saver):
+    """Stop on a NaN/inf loss, naming its epoch and first bad batch, and what is on disk: one
+    check per epoch, the one place training waits for the device."""
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
-        b = bad[0].item()
+        b, a = bad[0].item(), saver.args
+        kept = f"{a.checkpoint} keeps epoch {saver.saved}" if saver.saved else "nothing was saved"
         raise UserError(
             f"the loss became {losses[b].item()} at epoch {epoch}, batch {b + 1}: "
-            f"training diverged; {args.checkpoint} keeps the last good epoch; "
-            f"try a lower --lr (now {args.lr:g})"
+            f"training diverged; {kept}; try a lower --lr (now {a.lr:g})"
         )
 
 
@@ -649,12 +738,35 @@ class StopOnSignal:
         return True
 
 
+MEMORY_FLAGS = ("--batch-size", "--hidden-dim", "--channels", "--latent-dim", "--train-k",
+                "--iw-samples", "--generate")  # what sets the size of a tensor  # fmt: skip
+
+
+def out_of_memory(e, argv):
+    """The one-line message for a failed allocation (CPU, CUDA or MPS), else None."""
+    text = str(e)
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text):  # fmt: skip
+        return None
+    n = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator's words
+    size = re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)  # CUDA's and MPS's
+    size = f"{int(n[1]) / 2**30:,.1f} GiB" if n else size[1] if size else None
+    size = f" (tried to allocate {size})" if size else ""
+    typed = [f for f in MEMORY_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
+    return f"out of memory{size}: lower {' or '.join(typed or ['--batch-size'])}"
+
+
 def run(main, argv):
     """main(argv) as a command: a user's error is one line on stderr; returns the exit code."""
     try:
         return main(argv)["exit_code"]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = out_of_memory(e, argv)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
     except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)

@@ -5,7 +5,6 @@ import gzip
 import math
 import multiprocessing
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -469,8 +468,15 @@ def test_sigint_in_epoch_2_then_resume_matches(data_dir, uninterrupted, tmp_path
 
     monkeypatch.setattr(vae_mlp, "evaluate", interrupt_in_epoch_2)
     argv = ["--data-dir", data_dir, "--out", str(tmp_path)]
-    assert vae_mlp.main([*argv, *RESUMABLE])["exit_code"] == 130
-    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    result = vae_mlp.main([*argv, *RESUMABLE])
+    assert result["exit_code"] == 130
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1
+    # main returns what the checkpoint holds, not the half-trained epoch 2
+    assert [r["epoch"] for r in result["metrics"]] == [1]
+    assert result["test"]["loss"] == ckpt["metrics"][0]["test_loss"]
+    for name, value in result["model"].state_dict().items():
+        assert torch.equal(value, ckpt["model"][name]), name
     monkeypatch.undo()
     assert vae_mlp.main([*argv, "--resume"])["exit_code"] == 0
     assert final_numbers(tmp_path) == final_numbers(uninterrupted)
@@ -478,6 +484,19 @@ def test_sigint_in_epoch_2_then_resume_matches(data_dir, uninterrupted, tmp_path
     assert iwae[0] == iwae[1]
 
 
+def test_interrupted_in_epoch_1_returns_no_model(data_dir, tmp_path, monkeypatch, capsys):
+    def interrupt(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(vae_mlp, "evaluate", interrupt)
+    result = vae_mlp.main(["--data-dir", data_dir, "--out", str(tmp_path), *RESUMABLE])
+    assert result["exit_code"] == 130 and result["metrics"] == []
+    assert result["model"] is None and result["test"] is None
+    assert "stopped in epoch 1; nothing was saved" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals to another process")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_to_training_process_then_resume(sig, code, data_dir, uninterrupted, tmp_path):
     argv = ["--data-dir", data_dir, "--out", str(tmp_path), *RESUMABLE]
@@ -521,8 +540,17 @@ def test_nan_loss_stops_with_epoch_batch_and_keeps_checkpoint(data_dir, tmp_path
     code, err = exit_of(vae_mlp.main, [*argv, "--lr", "1e6"], capsys)
     assert code == 1 and "lower --lr" in err
     assert err.count("\n") == 1 and "at epoch 2, batch" in err  # the first bad one
+    assert f"{tmp_path / 'checkpoint.pt'} keeps epoch 1;" in err  # what is on disk
     ckpt = load(tmp_path / "checkpoint.pt")  # the last good one
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nan_loss_in_epoch_1_says_nothing_was_saved(data_dir, tmp_path, capsys):
+    train(vae_mlp, data_dir, tmp_path / "old", "--iw-samples", "0")  # an older run is there
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path / "old"), "--lr", "1e30"]
+    code, err = exit_of(vae_mlp.main, argv, capsys)
+    assert code == 1 and "at epoch 1, batch" in err and "nothing was saved" in err
+    assert "keeps" not in err and not (tmp_path / "old" / "checkpoint.pt").exists()
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -623,9 +651,13 @@ def bad_cases(tmp):
     case("--checkpoint under a file", run_in(good, "--checkpoint", f(blocker, "c.pt")),
          "--checkpoint")  # fmt: skip
     case("a full disk: pictures", run_in(good, "--out", f(tmp, "full1")),
-         f(tmp, "full1/samples.png"), limit=20_000)  # fmt: skip
+         f(tmp, "full1/samples.png"), limit=("disk", 20_000))  # fmt: skip
     case("a full disk: checkpoint", run_in(good, "--out", f(tmp, "full2")),
-         f(tmp, "full2/checkpoint.pt"), limit=1_000_000)  # fmt: skip
+         f(tmp, "full2/checkpoint.pt"), limit=("disk", 1_000_000))  # fmt: skip
+    gib = ("memory", 2**31)  # 2 GiB more than the process has: a small machine
+    case("a model too big for memory", run_in(good, "--out", f(tmp, "big"), "--hidden-dim",
+         "1000000000"), "out of memory (tried to allocate 2,920.6 GiB): lower --hidden-dim",
+         limit=gib)  # fmt: skip
 
     def ckpt(name, *extra):
         return ["--data-dir", good, "--out", f(tmp, name), *extra]
@@ -640,6 +672,11 @@ def bad_cases(tmp):
     case("--resume past the last epoch", ["--out", mlp, "--data-dir", good, "--resume"],
          "--resume --epochs 11")  # fmt: skip
     case("--device that is not there", ["--device", "cuda"], "--device cuda")
+    case("--generate too many for memory", ["--out", mlp, "--generate", "10000000000"],
+         "out of memory (tried to allocate 745.1 GiB): lower --generate", limit=gib)  # fmt: skip
+    case("--iw-samples too many for memory", ["--out", mlp, "--data-dir", good, "--eval-only",
+         "--iw-samples", "10000000000"], "out of memory (tried to allocate 745.1 GiB): lower "
+         "--iw-samples", limit=gib)  # fmt: skip
     for flags in (["--generate", "0"], ["--epochs", "0"], ["--lr", "nan"], ["--beta", "-1"],
                   ["--seed", "200000000000000"], ["--epoch", "3"], ["--latent", "8"],
                   ["--dataset", "cifar"], ["--iw-samples", "-1"], ["--train-k", "0"]):  # fmt: skip
@@ -669,10 +706,14 @@ def bad_runs(data_dir, tmp_path_factory):
 
     # Each case is its own process, forked from a server that imported torch once (a fresh
     # interpreter per case would spend minutes importing it); it runs what `python vae_mlp.py`
-    # runs, sys.exit(common.run(main, argv)), with its stderr in a file.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["vae_mlp", "torchvision.datasets", "matplotlib.figure"])
-    names, results = list(cases), {}
+    # runs, sys.exit(common.run(main, argv)), with its stderr in a file. Windows has no fork
+    # server: there each case is a fresh interpreter (slower, the same checks).
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["vae_mlp", "torchvision.datasets", "matplotlib.figure"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    names, results = [n for n in cases if runs_here(cases[n][3])], {}
     for start in range(0, len(names), 4):  # four at a time
         running = {}
         for i, name in enumerate(names[start : start + 4], start):
@@ -690,13 +731,26 @@ def bad_runs(data_dir, tmp_path_factory):
     return tmp, cases, results
 
 
-def script_process(argv, limit_bytes, err_path):
+def runs_here(limit):
+    """Disk limits need POSIX's RLIMIT_FSIZE, memory limits Linux's /proc too."""
+    return not limit or os.name == "posix" and (limit[0] == "disk" or os.path.exists("/proc"))
+
+
+def script_process(argv, limit, err_path):
     """`python vae_mlp.py ARGV` in a forked process; stdout dropped, stderr into err_path."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-    if limit_bytes:  # a disk that is full after `limit_bytes` bytes of any one file
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    if limit:  # POSIX only (the cases are skipped on Windows)
+        import resource
+
+        kind, size = limit
+        if kind == "disk":  # a disk that is full after `size` bytes of any one file
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        else:  # `size` bytes more memory than now, whatever the system's overcommit policy
+            with open("/proc/self/statm") as f:
+                now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (now + size, now + size))
     torch.set_num_threads(1)
     sys.argv = ["vae_mlp.py", *argv]
     sys.exit(common.run(vae_mlp.main, argv))
@@ -713,7 +767,9 @@ def _case_names():
 @pytest.mark.parametrize("case", _case_names())
 def test_bad_input_is_one_line(case, bad_runs):
     tmp, cases, results = bad_runs
-    argv, names, code, _ = cases[case]
+    argv, names, code, limit = cases[case]
+    if not runs_here(limit):
+        pytest.skip(f"a {limit[0]} limit cannot be set on {sys.platform}")
     r = results[case]
     lines = r.stderr.strip().splitlines()
     assert r.returncode == code, r.stderr
@@ -756,3 +812,183 @@ def test_help_shows_each_scripts_defaults(capsys):
         vae_mlp.get_args(["--help"])
     out = capsys.readouterr().out
     assert "(default: 0.003)" in out and "--train-k K" in out
+
+
+# ----------------------------------------------------------------------------
+# The same protocol on every device and platform
+
+
+def test_each_epoch_draws_its_own_order_binarization_and_noise(data_dir, tmp_path, monkeypatch):
+    """A CPU generator keeps only the low 32 bits of a seed: epoch seeds that differ above them
+    would repeat epoch 1's randomness in every epoch."""
+    draws, now = {}, {"epoch": 0}
+    train_epoch = vae_mlp.train_epoch
+
+    def in_epoch(model, opt, x, args, epoch):
+        now["epoch"] = epoch
+        return train_epoch(model, opt, x, args, epoch)
+
+    def recorded(name, draw):
+        def wrapper(*a, **kw):
+            out = draw(*a, **kw)
+            if kw.get("generator") is None:  # training's draws; evaluation has its generator
+                draws.setdefault((name, now["epoch"]), out.clone())
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(vae_mlp, "train_epoch", in_epoch)
+    for name in ("randperm", "bernoulli", "randn"):  # data order, binarization, eps
+        monkeypatch.setattr(torch, name, recorded(name, getattr(torch, name)))
+    train(vae_mlp, data_dir, tmp_path, "--epochs", "2", "--binarize", "dynamic")
+    for name in ("randperm", "bernoulli", "randn"):
+        assert not torch.equal(draws[name, 1], draws[name, 2]), name
+
+
+class Float64Finder(torch.overrides.TorchFunctionMode):
+    """Every torch call whose result is float64 (Apple GPUs have none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.found.add(getattr(func, "__name__", str(func)))
+        return out
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_float64_tensor_in_a_whole_run(name, data_dir, tmp_path):
+    argv = ["--latent-dim", "2", "--binarize", "dynamic"]  # every picture, the 2-D ones too
+    with Float64Finder() as finder:
+        result = train(SCRIPTS[name], data_dir, tmp_path, *argv)
+        SCRIPTS[name].main(["--out", str(tmp_path), "--data-dir", data_dir, "--eval-only"])
+        SCRIPTS[name].main(["--out", str(tmp_path), "--generate", "4"])
+    assert math.isfinite(result["iwae_nll"])
+    assert not finder.found
+
+
+def test_the_bound_decodes_in_calls_sized_for_the_device(monkeypatch):
+    assert common.decodes_per_call(torch.device("cpu"), 128) == 512  # cache-sized
+    for device in ("cuda", "mps"):  # a few training batches, whatever the test set or K
+        assert common.decodes_per_call(torch.device(device), 128) == 8 * 128
+        assert common.decodes_per_call(torch.device(device), 32) == 8 * 32
+    model, sizes = vae_mlp.VAE(latent_dim=3).eval(), []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda z: sizes.append(len(z)) or decode(z))
+    x_u8 = (torch.rand(40, 1, 28, 28) > 0.5).to(torch.uint8) * 255
+    vae_mlp.iwae_nll(model, x_u8, 1000, "bernoulli", max_decodes=300)
+    assert max(sizes) <= 300 and sum(sizes) == 40 * 1000
+
+
+def test_runs_without_posix_only_calls(data_dir, tmp_path, monkeypatch):
+    """As on Windows with Python 3.12: no os.fchmod, no os.O_DIRECTORY."""
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    monkeypatch.delattr(os, "O_DIRECTORY", raising=False)
+    train(vae_mlp, data_dir, tmp_path)
+    for name in ("checkpoint.pt", "samples.png", "metrics.csv"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o666 & ~umask())
+
+
+def test_out_of_memory_on_a_gpu_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "3.68 GiB of which 1.02 GiB is free."
+        )
+
+    monkeypatch.setattr(vae_conv, "train_epoch", oom)
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path)]
+    code, err = exit_of(vae_conv.main, argv, capsys)
+    assert code == 1
+    assert err == "error: out of memory (tried to allocate 2.00 GiB): lower --batch-size\n"
+    code, err = exit_of(vae_conv.main, [*argv, "--channels", "64", "--batch-size=64"], capsys)
+    assert err == (
+        "error: out of memory (tried to allocate 2.00 GiB): lower --batch-size or --channels\n"
+    )
+    monkeypatch.setattr(vae_conv, "train_epoch", lambda *a: 1 / 0)  # a bug stays a traceback
+    with pytest.raises(ZeroDivisionError):
+        common.run(vae_conv.main, argv)
+
+
+def test_checkpoint_is_on_the_cpu_and_resume_picks_fused_adam_by_device(data_dir, tmp_path):
+    train(vae_mlp, data_dir, tmp_path, "--epochs", "2", "--iw-samples", "0")
+    ckpt = load(tmp_path / "checkpoint.pt")
+    tensors = [*ckpt["model"].values()]
+    tensors += [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
+    assert len(tensors) == 3 * len(ckpt["model"]) + len(ckpt["model"])  # weights, step, 2 moments
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is True  # fused Adam on the CPU
+    args = vae_mlp.get_args(["--out", str(tmp_path), "--resume", "--epochs", "3"])
+    for saved_fused in (True, False):  # as saved on a CPU or CUDA, or on an Apple GPU
+        for fused in (True, False):  # what this device wants
+            ckpt["optimizer"]["param_groups"][0]["fused"] = saved_fused
+            model = vae_mlp.VAE()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+            common.resume(args, ckpt, opt)
+            assert opt.param_groups[0]["fused"] is fused
+            vae_mlp.neg_elbo(model, torch.rand(4, 1, 28, 28), "bernoulli")[2].backward()
+            opt.step()  # the moved state works with the chosen Adam
+
+
+def test_compile_is_not_taken_from_a_checkpoint(data_dir, tmp_path):
+    train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
+    ckpt = load(tmp_path / "checkpoint.pt")
+    ckpt["args"]["compile"] = True  # as if trained with --compile
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    args = vae_mlp.get_args(["--out", str(tmp_path), "--resume", "--epochs", "2"])
+    common.load_checkpoint(args, vae_mlp.MODEL_FLAGS)
+    assert args.compile is False and args.epochs == 2  # typed now: wins
+    args = vae_mlp.get_args(["--out", str(tmp_path), "--resume", "--epochs", "2", "--compile"])
+    common.load_checkpoint(args, vae_mlp.MODEL_FLAGS)
+    assert args.compile is True
+
+
+REAL = {
+    "mnist": os.path.join(HERE, "data", "MNIST", "raw"),  # CI copies them there
+    "fashion": "/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
+}
+
+
+@pytest.mark.parametrize("dataset, other", [("mnist", "fashion"), ("fashion", "mnist")])
+def test_the_other_data_sets_files_are_refused(dataset, other):
+    if not os.path.isfile(os.path.join(REAL[other], "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip(f"the real {other} files are not on this machine")
+    args = vae_mlp.get_args(["--dataset", dataset, "--data-dir", REAL[other]])
+    with pytest.raises(common.UserError, match=f"is {common.NAMES[other]}'s, not") as e:
+        common.load_data(args, "cpu")
+    assert f"--dataset {other}" in str(e.value)
+    args = vae_mlp.get_args(["--dataset", other, "--data-dir", REAL[other]])
+    assert len(common.load_data(args, "cpu")["test"][0]) == 10_000  # the right ones load
+
+
+def test_a_new_run_replaces_the_old_run_and_says_so(data_dir, tmp_path, capsys):
+    train(vae_mlp, data_dir, tmp_path, "--epochs", "3", "--iw-samples", "0", "--latent-dim", "2")
+    vae_mlp.main(["--out", str(tmp_path), "--generate", "4"])
+    capsys.readouterr()
+    train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")  # 1 epoch, latent 20
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"note: {tmp_path}/ held a run at epoch 3 ({tmp_path / 'checkpoint.pt'}; --resume would "
+        "have continued it); starting a new run in its place"
+    ]
+    left = sorted(os.listdir(tmp_path))
+    assert "samples_epoch_02.png" not in left and "manifold.png" not in left, left
+    assert "generated.png" not in left and len(read_metrics(tmp_path)) == 1
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_metrics_columns_measure_what_they_say(data_dir, tmp_path):
+    result = train(vae_mlp, data_dir, tmp_path, "--epochs", "2")
+    rows = read_metrics(tmp_path)
+    for row in rows:
+        train_s, test_s = float(row["train_s"]), float(row["test_s"])
+        assert float(row["images_per_s"]) == pytest.approx((N_TRAIN // 32) * 32 / train_s)
+        assert 0 < test_s and 0 < train_s
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed[0] >= float(rows[0]["train_s"]) + float(rows[0]["test_s"])
+    assert elapsed[1] - elapsed[0] >= float(rows[1]["train_s"]) + float(rows[1]["test_s"])
+    assert result["metrics"][1]["elapsed_s"] == pytest.approx(elapsed[1])

@@ -235,7 +235,7 @@ def evaluate(model, x_test, args, batch_size=2000):
 
 
 @torch.no_grad()
-def iwae_nll(model, x_test, k, likelihood, max_decodes=None, progress=None):
+def iwae_nll(model, x_test, k, likelihood, max_decodes=512, progress=None):
     """-log p(x) per image, bounded with K importance samples (Burda et al. 2015, eq. 8):
 
         log p(x) >= L_K = log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
@@ -244,13 +244,13 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=None, progress=None):
     `max_decodes` of those z per call and log sum_k w_k is a running logsumexp over the calls,
     so `max_decodes` sets speed and memory, never the number. Memory: about max_decodes
     images plus the noise, K * max(B, 1) * D floats (128 MB for one image at K = 10^6, D = 32).
+    Every tensor is float32 (Apple GPUs have no float64); the sum over images is a Python float.
     """
     model.eval()
     g = torch.Generator(x_test.device).manual_seed(0)  # the same K, the same number
-    max_decodes = max_decodes or (512 if x_test.device.type == "cpu" else 2**16)  # CPU: cache-sized
     batch = max(1, min(len(x_test), 2**16 // k))  # images whose noise is drawn together
     chunk = max(1, max_decodes // batch)  # samples per decoder call
-    total = torch.zeros((), device=x_test.device, dtype=torch.float64)
+    total = 0.0
     for i, xb in enumerate(x_test.split(batch)):
         x = to_float(xb)  # (B, 1, 28, 28)
         mu, logvar = model.encode(x)  # (B, D)
@@ -259,10 +259,10 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=None, progress=None):
         for e in eps.split(chunk):
             log_w = sum(log_weights(model, x, mu, logvar, e, likelihood))  # (c, B)
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
-        total += (lse - math.log(k)).sum()  # sum over images of L_K
+        total += (lse - math.log(k)).sum().item()  # sum over images of L_K
         if progress:  # a live line on a terminal
             progress.update(min((i + 1) * batch, len(x_test)))
-    return -total.item() / len(x_test)
+    return -total / len(x_test)
 
 
 @torch.no_grad()
@@ -303,13 +303,13 @@ def main(argv=()):
     args = get_args(argv)
     device = common.get_device(args.device)
     ckpt = common.load_checkpoint(args, MODEL_FLAGS)  # None unless --resume/--eval-only/--generate
-    common.prepare_out(args)
+    common.prepare_out(args)  # a new run first removes the files of the run it replaces
     torch.manual_seed(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
     if ckpt:
         common.load_weights(model, ckpt, args)
-    result = {"model": model, "metrics": ckpt["metrics"] if ckpt else [], "iwae_nll": None}
-    result["exit_code"] = 0
+    result = {"model": model, "metrics": ckpt["metrics"] if ckpt else [], "test": None}
+    result.update(iwae_nll=None, exit_code=0)
     if args.generate:
         z = torch.randn(args.generate, args.latent_dim, device=device)  # z ~ N(0, I)
         common.save_grid(torch.sigmoid(model.decode(z)).detach(), args.out, "generated.png")
@@ -317,15 +317,14 @@ def main(argv=()):
             return result
     data = common.load_data(args, device)  # uint8 (N, 1, 28, 28) images on the device, labels
     (x_train, _), (x_test, y_test) = data["train"], data["test"]
+    k, decodes = args.iw_samples, common.decodes_per_call(device, args.batch_size)
     if args.eval_only:
         result["test"], _ = evaluate(model, x_test, args)
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test  {common.fmt(result['test'])}")
-        if args.iw_samples:
-            bar = common.Progress(f"IWAE bound, K={args.iw_samples}", len(x_test))
-            nll = result["iwae_nll"] = iwae_nll(
-                model, x_test, args.iw_samples, args.likelihood, None, bar
-            )
-            print(common.fmt_bound(nll, args.iw_samples))
+        if k:
+            bar = common.Progress(f"IWAE bound, K={k}", len(x_test))
+            result["iwae_nll"] = iwae_nll(model, x_test, k, args.likelihood, decodes, bar)
+            print(common.fmt_bound(result["iwae_nll"], k))
         return result
 
     common.speed_up(model, args, args.batch_size)  # channels_last, --compile: same math, faster
@@ -333,26 +332,29 @@ def main(argv=()):
     rows = result["metrics"] = common.resume(args, ckpt, opt)  # one row per epoch done
     z_fixed = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     x_shown = to_float(x_test[: min(16, len(x_test) // 2 * 2)])  # pairs of test images
-    saver = common.Saver(args, MODEL_FLAGS, model, opt, rows)  # pictures, metrics, checkpoint
+    saver = common.Saver(args, MODEL_FLAGS, model, opt, rows)  # metrics, pictures, checkpoint
     common.print_header(args, model, data)
     with common.StopOnSignal(args, saver) as stop:  # Ctrl-C: exit 130, resume later
         for epoch in range(len(rows) + 1, args.epochs + 1):
-            torch.manual_seed(args.seed + epoch * 2**32)  # each epoch its own noise: no RNG state
+            # each epoch its own noise (data order, binarization, eps), so resuming needs no
+            # saved RNG state; a seed below 2^32, all a CPU generator keeps
+            torch.manual_seed((args.seed * 1_000_003 + epoch) % 2**32)
             t0 = time.perf_counter()
             stats = train_epoch(model, opt, x_train, args, epoch)
-            common.check_finite(stats[:, 2], epoch, args)  # every batch's loss, before any save
+            common.check_finite(stats[:, 2], epoch, saver)  # waits for the device, once
+            t1 = time.perf_counter()
             result["test"], mu = evaluate(model, x_test, args)
             lr, beta = opt.param_groups[0]["lr"], kl_weight(epoch, args)
-            common.add_row(rows, args, stats, result["test"], lr, beta, time.perf_counter() - t0)
+            saver.add_row(stats, result["test"], lr, beta, (t1 - t0, time.perf_counter() - t1))
             saver.epoch(grids(model, x_shown, z_fixed.to(device)), mu, y_test)  # and its line
-        if args.iw_samples:
-            bar = common.Progress(f"IWAE bound, K={args.iw_samples}", len(x_test))
-            nll = result["iwae_nll"] = iwae_nll(
-                model, x_test, args.iw_samples, args.likelihood, None, bar
-            )
-            print(common.fmt_bound(nll, args.iw_samples))
-            saver.checkpoint(final={"iwae_nll": nll, "iw_samples": args.iw_samples})
+        if k:
+            bar = common.Progress(f"IWAE bound, K={k}", len(x_test))
+            result["iwae_nll"] = iwae_nll(model, x_test, k, args.likelihood, decodes, bar)
+            print(common.fmt_bound(result["iwae_nll"], k))
+            saver.checkpoint(final={"iwae_nll": result["iwae_nll"], "iw_samples": k})
     result["exit_code"] = stop.exit_code
+    if stop.exit_code:  # stopped: the model and metrics that the checkpoint holds
+        result.update(saver.rewind())
     return result
 
 

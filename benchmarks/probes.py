@@ -1,12 +1,18 @@
-"""Short-run probes of convolutional VAE variants on dynamically binarized MNIST.
+"""Short-run probes of VAE variants on dynamically binarized MNIST.
 
-    .venv/bin/python benchmarks/conv_probes.py                      # baseline, 5 epochs
-    .venv/bin/python benchmarks/conv_probes.py --act elu --batch-size 64 --epochs 10
+    python benchmarks/probes.py                                    # conv baseline, 5 epochs
+    python benchmarks/probes.py --act elu --batch-size 64 --epochs 10
+    python benchmarks/probes.py --arch mlp --act silu --ema 0.999  # the MLP, 784-400-20
 
-Self-contained (torch, torchvision, stdlib only). The model keeps the project's shape:
+Self-contained (torch, torchvision, stdlib only). The conv model keeps the project's shape:
 encoder = two strided convolutions, then fully-connected layer(s) -> (mu, logvar);
 decoder = fully-connected layer(s), then two transposed convolutions -> (B, 1, 28, 28)
-Bernoulli logits. Training: -ELBO (BCE summed over pixels + closed-form KL to N(0, I),
+Bernoulli logits; `--arch mlp` is vae_mlp.py's 784-H-(mu, logvar) / D-H-784 instead.
+`--ema D` evaluates (test -ELBO, IWAE bound) an exponential moving average of the weights,
+updated after every step with decay min(D, (1 + t) / (10 + t)) at step t (Polyak averaging
+with the usual warm-up), in place of the trained weights.
+
+Training: -ELBO (BCE summed over pixels + closed-form KL to N(0, I),
 mean over the batch), training images x ~ Bernoulli(pixel/255) drawn fresh per batch,
 last incomplete batch dropped, cosine lr decay per epoch (optional linear warm-up in steps),
 channels_last on CPU, 2 threads. Evaluation on the FIRST --test-images images of the test
@@ -21,6 +27,7 @@ threads together) in brackets: CPU time does not count time the process was paus
 """
 
 import argparse
+import copy
 import gzip
 import json
 import math
@@ -41,24 +48,30 @@ ACTS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["conv", "mlp"], default="conv")
     p.add_argument("--channels", type=int, default=32, help="first conv; the second has 2x")
     p.add_argument("--kernel", type=int, choices=[4, 5], default=4)
-    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--hidden-dim", type=int, help="default: 256 (conv), 400 (mlp)")
     p.add_argument("--fc-layers", type=int, choices=[1, 2], default=1, help="hidden FC per side")
-    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--latent-dim", type=int, help="default: 32 (conv), 20 (mlp)")
     p.add_argument("--act", choices=sorted(ACTS), default="relu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up, in steps")
     p.add_argument("--optim", choices=["adam", "adamax"], default="adam")
     p.add_argument("--clip", type=float, default=0.0, help="grad-norm clip (0 = off)")
+    p.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights (0: off)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--iw-samples", type=int, default=100)
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "MNIST", "raw"))
     p.add_argument("--out", default=os.path.join(ROOT, "results", "probes"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    conv = args.arch == "conv"
+    args.hidden_dim = args.hidden_dim or (256 if conv else 400)
+    args.latent_dim = args.latent_dim or (32 if conv else 20)
+    return args
 
 
 # ----------------------------------------------------------------------------
@@ -129,6 +142,19 @@ class VAE(nn.Module):
         return self.decoder(mu + torch.exp(0.5 * logvar) * eps), mu, logvar
 
 
+class MLP(VAE):
+    def __init__(self, hidden_dim=400, fc_layers=1, latent_dim=20, act="relu"):
+        nn.Module.__init__(self)
+        A = ACTS[act]
+        enc = [nn.Flatten(), nn.Linear(784, hidden_dim), A()]
+        dec = [nn.Linear(latent_dim, hidden_dim), A()]
+        for _ in range(fc_layers - 1):
+            enc += [nn.Linear(hidden_dim, hidden_dim), A()]
+            dec += [nn.Linear(hidden_dim, hidden_dim), A()]
+        self.encoder = nn.Sequential(*enc, nn.Linear(hidden_dim, 2 * latent_dim))
+        self.decoder = nn.Sequential(*dec, nn.Linear(hidden_dim, 784), nn.Unflatten(1, (1, 28, 28)))
+
+
 def recon_nll(logits, x):
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
@@ -193,10 +219,15 @@ def main(argv=None):
     x_train, x_test = load_mnist(args.data_dir)
     x_test = x_test[: args.test_images].contiguous()
     torch.manual_seed(args.seed)
-    model = VAE(
-        args.channels, args.kernel, args.hidden_dim, args.fc_layers, args.latent_dim, args.act
-    )
-    model.to(memory_format=torch.channels_last)
+    if args.arch == "conv":
+        model = VAE(
+            args.channels, args.kernel, args.hidden_dim, args.fc_layers, args.latent_dim, args.act
+        )
+        model.to(memory_format=torch.channels_last)
+    else:
+        model = MLP(args.hidden_dim, args.fc_layers, args.latent_dim, args.act)
+    ema = copy.deepcopy(model) if args.ema else model  # what is evaluated
+    ema_params, params_list = list(ema.parameters()), list(model.parameters())
     params = sum(p.numel() for p in model.parameters())
     if args.optim == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
@@ -226,6 +257,10 @@ def main(argv=None):
             if args.clip:
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            if args.ema:  # ema <- d * ema + (1 - d) * weights, d warming up to --ema
+                decay = min(args.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, params_list, 1 - decay)
             total += per_image.detach().sum()
             step += 1
         times.append(time.perf_counter() - t0)
@@ -234,7 +269,7 @@ def main(argv=None):
         if not math.isfinite(train):
             status = f"diverged in epoch {epoch}"
             break
-        test = test_elbo(model, x_test)
+        test = test_elbo(ema, x_test)
         rows.append(
             {"epoch": epoch, "train": train, "test": test, "s": times[-1], "cpu_s": cpus[-1]}
         )
@@ -249,7 +284,7 @@ def main(argv=None):
         row = f"| `{flags}` | {params:,} | {s_epoch} | {status} | - |"
     else:
         t0 = time.perf_counter()
-        nll = iwae_nll(model, x_test, args.iw_samples) if args.iw_samples else float("nan")
+        nll = iwae_nll(ema, x_test, args.iw_samples) if args.iw_samples else float("nan")
         print(f"IWAE K={args.iw_samples}: {time.perf_counter() - t0:.1f} s", flush=True)
         row = (
             f"| `{flags}` | {params:,} | {s_epoch} | {rows[-1]['test']:.2f} | "
