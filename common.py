@@ -81,19 +81,25 @@ def add_run_flags(p, script):
     g.add_argument("--generate", type=positive_int, metavar="N",
                    help="load the checkpoint, write N samples to OUT/generated.png, do not train")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="folder for pictures, metrics.csv and checkpoint.pt "
-                                 f"(default: results/{script}/)")
+    g.add_argument("--out", help="folder for pictures, metrics.csv and checkpoint.pt (default: "
+                                 f"results/{script}/, or e.g. results/{script}-beta4/: one per "
+                                 "experiment, named by the flags above that differ from their "
+                                 "defaults, but --epochs and --data-dir)")
     g.add_argument("--checkpoint", help="for --resume/--eval-only/--generate "
                                         "(default: OUT/checkpoint.pt)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
 
 
+EXPERIMENT = ("model", "data", "loss", "training")  # groups of flags that name --out's default
+NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same experiment
+
+
 def parse_args(parser, argv, script):
     argv = list(argv)
     args = parser.parse_args(argv)
     args.script = script
-    args.out = args.out or os.path.join("results", script)
+    args.out = args.out or os.path.join("results", experiment_name(parser, args))
     args.checkpoint = args.checkpoint or os.path.join(args.out, "checkpoint.pt")
     # the flags typed (allow_abbrev=False: no prefixes), so that they win over a checkpoint's
     args.explicit = sorted(
@@ -103,6 +109,20 @@ def parse_args(parser, argv, script):
         if any(arg == s or arg.startswith(s + "=") for arg in argv)
     )
     return args
+
+
+def experiment_name(parser, args):
+    """The script's name, then each experiment flag that differs from its default, as
+    vae_mlp-beta4-likelihood-gaussian: one folder per experiment."""
+    words = [args.script]
+    for group in (g for g in parser._action_groups if g.title in EXPERIMENT):
+        for a in group._group_actions:
+            value = getattr(args, a.dest)
+            if value != a.default and a.dest not in NOT_NAMED:
+                text = f"{value:g}" if isinstance(value, float) else str(value)
+                sep = "-" if isinstance(value, str) else ""  # beta4, likelihood-gaussian
+                words.append(f"{a.option_strings[0][2:]}{sep}{text}")
+    return "-".join(words)
 
 
 def command(args, *flags):
@@ -274,8 +294,9 @@ def atomic_write(path, write, durable=False):
             os.remove(tmp)
 
 
-RUN_FILES = ("samples.png", "reconstructions.png", "interpolation.png", "manifold.png",
-             "latent.png", "loss.png", "metrics.csv", "generated.png")  # fmt: skip
+RUN_FILES = ("samples.png", "samples.gif", "reconstructions.png", "interpolation.png",
+             "traversal.png", "manifold.png", "latent.png", "loss.png", "metrics.csv",
+             "generated.png")  # fmt: skip
 
 
 def prepare_out(args):
@@ -324,6 +345,12 @@ def save_grid(images, out, name, nrow=None, padding=2):
     pictures of a 20-epoch MLP run (benchmarks/RESULTS.md); a test checks that they agree."""
     from PIL import Image
 
+    pixels = grid_pixels(images, nrow, padding)
+    atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
+
+
+def grid_pixels(images, nrow=None, padding=2):
+    """The grid of save_grid as a (H, W) uint8 array."""
     n, _, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     grid = torch.zeros(
@@ -332,8 +359,32 @@ def save_grid(images, out, name, nrow=None, padding=2):
     for i, image in enumerate(images.detach().float().cpu()):
         top, left = (padding + k * (s + padding) for k, s in zip(divmod(i, cols), (h, w)))
         grid[top : top + h, left : left + w] = image[0]
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
-    atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
+    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def save_gif(frames, path):
+    """(H, W) uint8 tensors as an animated GIF: half a second each, two on the last one."""
+    from PIL import Image
+
+    first, *rest = (Image.fromarray(f.numpy()) for f in frames)
+    durations = [500] * len(rest) + [2000]
+
+    def write(f):
+        first.save(f, "gif", save_all=True, append_images=rest, duration=durations, loop=0)
+
+    atomic_write(path, write)
+
+
+def save_labelled_grid(images, nrow, x_axis, y_axis, path):
+    """A grid of decodings with the latent values along its axes: (label, values) each."""
+    rows, (h, w) = math.ceil(len(images) / nrow), images.shape[2:]
+    fig, ax = _figure(1.5 + 0.42 * nrow, 1.0 + 0.42 * rows)
+    ax.imshow(grid_pixels(images, nrow, padding=0), cmap="gray", vmin=0, vmax=255)
+    name = lambda v: v if isinstance(v, str) else f"{v:.2g}"  # noqa: E731
+    ax.set_xticks([(i + 0.5) * w - 0.5 for i in range(nrow)], map(name, x_axis[1]), rotation=90)
+    ax.set_yticks([(i + 0.5) * h - 0.5 for i in range(rows)], map(name, y_axis[1]))
+    ax.set(xlabel=x_axis[0], ylabel=y_axis[0])
+    _save_figure(fig, path)
 
 
 def _figure(width, height, columns=1):
@@ -353,7 +404,7 @@ def save_latent(mu, y, path):
     mu, y = mu.float().cpu(), y.cpu()
     if mu.shape[1] == 1:
         points, labels = torch.stack([mu[:, 0], y.float()], 1), ("z[0]", "label")
-    elif mu.shape[1] == 2:
+    elif mu.shape[1] == 2:  # the limits of manifold.png, so that the two can be laid side by side
         points, labels = mu, ("z[0]", "z[1]")
     else:
         centred = mu - mu.mean(0)
@@ -367,43 +418,43 @@ def save_latent(mu, y, path):
     )
     fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
     ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
+    if mu.shape[1] == 2:
+        (x0, y0), (x1, y1) = mu.min(0).values.tolist(), mu.max(0).values.tolist()
+        ax.set(xlim=(x0, x1), ylim=(y0, y1))
     _save_figure(fig, path)
 
 
-def save_loss_curves(rows, path):
-    """Train and test -ELBO per epoch (left), recon and KL (right), nats per image."""
+def save_loss_curves(rows, steps, path):
+    """-ELBO (left), recon and KL (right) in nats per image: training per step (smoothed over
+    a tenth of an epoch) as lines, the test set after each epoch as dots, on an axis in epochs."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax1, ax2) = _figure(10, 4, columns=2)
+    per_epoch = len(steps) / len(rows)
+    width = max(1, round(per_epoch / 10))  # a moving average over `width` steps
+    smooth = steps.unfold(0, width, 1).mean(-1)  # (steps - width + 1, 2)
+    x = (torch.arange(len(smooth)) + width) / per_epoch  # the epoch at each average's last step
+    train = {"loss": smooth.sum(1), "recon": smooth[:, 0], "kl": smooth[:, 1]}
     epochs = [r["epoch"] for r in rows]
-    for split, style in (("train", "-"), ("test", "--")):
-        for ax, key, color, name in (
-            (ax1, "loss", None, "-ELBO"),
-            (ax2, "recon", "C0", "recon"),
-            (ax2, "kl", "C3", "KL"),
-        ):
-            values = [r[f"{split}_{key}"] for r in rows]
-            ax.plot(epochs, values, style, marker="o", color=color, label=f"{split} {name}")
+    for ax, key, color, name in ((ax1, "loss", "C2", "-ELBO"), (ax2, "recon", "C0", "recon"),
+                                 (ax2, "kl", "C3", "KL")):  # fmt: skip
+        ax.plot(x, train[key], color=color, lw=1, label=f"train {name}")
+        ax.plot(epochs, [r[f"test_{key}"] for r in rows], "o", color=color, label=f"test {name}")
     for ax, title in ((ax1, "total"), (ax2, "terms")):
-        ax.set(xlabel="epoch", ylabel="nats per image", title=title)
+        ax.set(xlabel="epoch", ylabel="nats per image", title=title, xlim=(0, epochs[-1]))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     _save_figure(fig, path)
 
 
-METRIC_FIELDS = [
-    "epoch",
-    "lr",
-    "kl_weight",
-    "train_recon",
-    "train_kl",
-    "train_loss",
-    "test_recon",
-    "test_kl",
-    "test_loss",
+METRIC_FIELDS = [  # the columns of metrics.csv
+    "epoch", "lr", "kl_weight", "train_recon", "train_kl", "train_loss",
+    "test_recon", "test_kl", "test_loss", "test_active_units",
     "images_per_s",  # training images per second of the training steps
-    "train_s",  # seconds of the epoch's training steps
-    "test_s",  # seconds of its test evaluation
+    "train_s", "test_s",  # seconds of the epoch's training steps, and of its test evaluation
     "elapsed_s",  # seconds since training started, to the end of this evaluation
-]
+]  # fmt: skip
 
 
 def write_metrics(rows, out):
@@ -419,24 +470,29 @@ def write_metrics(rows, out):
 
 class Saver:
     """Each epoch's row of metrics, and what each epoch leaves in --out, then its line on
-    stdout: the picture grids (samples.png also as samples_epoch_NN.png), metrics.csv,
-    checkpoint.pt, and the matplotlib figures loss.png and latent.png, drawn after the last
-    epoch and before it only while that costs under 2% of the run (both take about a second:
-    more than all the grids of a run)."""
+    stdout: the picture grids, samples.gif (the samples of every epoch), metrics.csv,
+    checkpoint.pt, and the matplotlib figures (loss.png, latent.png and the labelled grids),
+    drawn after the last epoch and before it only while that costs under 2% of the run (they
+    take about a second: more than all the grids of a run)."""
 
-    def __init__(self, args, model_flags, model, opt, rows):
+    def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
-        self.rows, self.saved = rows, len(rows)  # the epochs in the checkpoint on disk
+        self.rows = resume(args, ckpt, opt)  # one row per epoch done
+        self.saved = len(self.rows)  # the epochs in the checkpoint on disk
+        old = ckpt if self.saved else {}  # the loss curve and the GIF's frames of a resumed run
+        self.steps, self.frames = old.get("steps", torch.zeros(0, 2)), list(old.get("frames", []))
         self.start, self.drawing_s, self.draw_cost = time.perf_counter(), 0.0, 1.0
-        self.elapsed_before = rows[-1]["elapsed_s"] if rows else 0.0  # of a resumed run
+        self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0  # when resumed
 
-    def add_row(self, stats, test, lr, kl_weight, seconds):
+    def add_row(self, stats, test, kl_weight, seconds):
         """One epoch's row. stats: (batches, 3) per-image recon, KL, loss of each batch;
         seconds: of the training steps and of the test evaluation."""
         recon, kl = stats[:, :2].mean(0).tolist()
+        self.steps = torch.cat([self.steps, stats[:, :2].cpu()])  # recon, KL of every step
         train_s, test_s = seconds
         self.rows.append({
-            "epoch": len(self.rows) + 1, "lr": lr, "kl_weight": kl_weight,
+            "epoch": len(self.rows) + 1, "lr": self.opt.param_groups[0]["lr"],
+            "kl_weight": kl_weight,
             "train_recon": recon, "train_kl": kl, "train_loss": recon + kl,
             **{f"test_{k}": v for k, v in test.items()},
             "images_per_s": len(stats) * self.args.batch_size / train_s,
@@ -445,20 +501,30 @@ class Saver:
         })  # fmt: skip
 
     def epoch(self, grids, mu, y):
+        """grids: {name: (images, nrow)} drawn as PNG grids, or {name: (images, nrow, x_axis,
+        y_axis)} drawn as labelled figures."""
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
-        for name, (images, nrow) in grids.items():
-            save_grid(images, a.out, name, nrow, padding=0 if name == "manifold.png" else 2)
-        save_grid(grids["samples.png"][0], a.out, f"samples_epoch_{epoch:02d}.png", 8)
+        for name, (images, nrow, *axes) in grids.items():
+            if not axes:
+                save_grid(images, a.out, name, nrow)
+        self.frames.append(torch.from_numpy(grid_pixels(*grids["samples.png"])))
+        save_gif(self.frames, os.path.join(a.out, "samples.gif"))
         write_metrics(rows, a.out)
         budget = 0.02 * (time.perf_counter() - self.start)
         if epoch == a.epochs or self.drawing_s + self.draw_cost <= budget:
             t0 = time.perf_counter()
-            save_loss_curves(rows, os.path.join(a.out, "loss.png"))
+            save_loss_curves(rows, self.steps, os.path.join(a.out, "loss.png"))
             save_latent(mu, y, os.path.join(a.out, "latent.png"))
+            for name, (images, nrow, *axes) in grids.items():
+                if axes:
+                    save_labelled_grid(images, nrow, *axes, os.path.join(a.out, name))
             self.draw_cost = time.perf_counter() - t0
             self.drawing_s += self.draw_cost
         self.checkpoint()
         print(epoch_line(rows[-1], a.epochs), flush=True)  # once the epoch is safe on disk
+        if epoch == a.epochs:
+            print(f"test  active units: {rows[-1]['test_active_units']} of {mu.shape[1]} latent "
+                  "dimensions (Var_x E_q(z|x)[z_u] > 0.01, Burda et al. 2015)")  # fmt: skip
 
     def checkpoint(self, final=None):
         """Only tensors and plain values: torch.load(path, weights_only=True) reads it."""
@@ -471,6 +537,8 @@ class Saver:
             "optimizer": _on_cpu(self.opt.state_dict()),  # readable where there is no GPU
             "epoch": rows[-1]["epoch"],  # epochs completed
             "metrics": rows,
+            "steps": self.steps,  # per-image recon and KL of every training step, for loss.png
+            "frames": torch.stack(self.frames),  # samples.png of every epoch, for samples.gif
             "final": final,  # {"iwae_nll": ..., "iw_samples": K} once the bound is computed
             "torch": str(torch.__version__),  # a plain str: TorchVersion is not
         }
@@ -673,11 +741,13 @@ def check_finite(losses, epoch, saver):
 
 
 class Progress:
-    """A live line (done/total, loss, rate, ETA) on a terminal only, redrawn at most 4 times a
-    second: the loss is read from the device only then. Cleared when done."""
+    """A live line (done/total, loss, rate, ETA) on a terminal or in Jupyter only (not in logs
+    or pipes), redrawn at most 4 times a second: the loss is read from the device only then.
+    Cleared when done."""
 
     def __init__(self, label, total):
-        self.enabled, self.label, self.total = sys.stdout.isatty(), label, total
+        jupyter = type(sys.stdout).__module__.startswith("ipykernel")  # draws "\r" as a terminal
+        self.enabled, self.label, self.total = sys.stdout.isatty() or jupyter, label, total
         self.start = self.last = time.perf_counter()
 
     def update(self, done, loss=None):

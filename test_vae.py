@@ -147,10 +147,12 @@ def test_schedules(module):
     args = module.get_args(["--epochs", "4", "--lr", "1e-3", "--kl-warmup", "2", "--beta", "0.5"])
     cosine = [module.learning_rate(e, args) for e in (1, 2, 3, 4)]
     assert cosine[0] == 1e-3 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
-    assert [module.kl_weight(e, args) for e in (1, 2, 3, 4)] == [0.0, 0.25, 0.5, 0.5]  # from 0
+    # the KL weight, per step over 2 epochs of 100 steps: from 0 at the first to 0.5 after
+    weights = [module.kl_weight(step, 100, args) for step in (0, 100, 199, 200, 399)]
+    assert weights == [0.0, 0.25, 0.5 * 199 / 200, 0.5, 0.5]
     flat = module.get_args(["--lr-schedule", "constant", "--lr", "2e-3"])
     assert [module.learning_rate(e, flat) for e in (1, 20)] == [2e-3, 2e-3]
-    assert [module.kl_weight(e, flat) for e in (1, 20)] == [1.0, 1.0]
+    assert [module.kl_weight(step, 100, flat) for step in (0, 1999)] == [1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------
@@ -274,16 +276,17 @@ def test_end_to_end(name, data_dir, tmp_path, monkeypatch):
     result = train(module, data_dir, tmp_path, "--latent-dim", "2", "--epochs", "2")
     expected = {
         "samples.png": grid_size(64, 8),
-        "samples_epoch_01.png": grid_size(64, 8),
-        "samples_epoch_02.png": grid_size(64, 8),
         "reconstructions.png": grid_size(32, 8),
         "interpolation.png": grid_size(8 * 12, 12),
-        "manifold.png": (20 * 28, 20 * 28),
+        "traversal.png": (184, 612),  # 2 rows (the latent's 2 dimensions) of 11
+        "manifold.png": (940, 990),  # 20 x 20, labelled
         "latent.png": (500, 600),
         "loss.png": (400, 1000),
     }
     for png, (h, w) in expected.items():
         assert imread(tmp_path / png).shape[:2] == (h, w), png
+    assert gif_frames(tmp_path / "samples.gif") == [grid_size(64, 8)] * 2  # one per epoch
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("samples_epoch")]
     assert oct(os.stat(tmp_path / "checkpoint.pt").st_mode & 0o777) == oct(0o666 & ~umask())
     rows = read_metrics(tmp_path)
     assert len(rows) == 2 and set(rows[0]) == set(common.METRIC_FIELDS)
@@ -308,6 +311,14 @@ def test_end_to_end(name, data_dir, tmp_path, monkeypatch):
     assert mu.shape == (N_TEST, 2)
 
 
+def gif_frames(path):
+    """The (height, width) of each frame of a GIF."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return [f.size[::-1] for f in ImageSequence.Iterator(gif)]
+
+
 def umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -330,8 +341,9 @@ def test_grids_are_laid_out_as_torchvision_does(n, nrow, padding, tmp_path):
 
 def test_figures_cost_under_two_percent_until_the_last_epoch(data_dir, tmp_path):
     train(vae_mlp, data_dir, tmp_path, "--epochs", "2", "--iw-samples", "0")
-    drawn = {p: os.stat(tmp_path / p).st_mtime_ns for p in ("latent.png", "loss.png")}
-    samples = os.stat(tmp_path / "samples_epoch_02.png").st_mtime_ns
+    figures = ("latent.png", "loss.png", "traversal.png")
+    drawn = {p: os.stat(tmp_path / p).st_mtime_ns for p in figures}
+    samples = os.stat(tmp_path / "metrics.csv").st_mtime_ns
     assert all(t >= samples for t in drawn.values())  # drawn at the last epoch
     assert not (tmp_path / "manifold.png").exists()  # latent 20: no manifold
     assert load(tmp_path / "checkpoint.pt")["final"] is None  # --iw-samples 0
@@ -346,8 +358,8 @@ def test_training_lowers_the_loss(data_dir, tmp_path):
 def test_gaussian_warmup_and_schedules_run(data_dir, tmp_path, capsys):
     argv = ["--likelihood", "gaussian", "--kl-warmup", "2", "--epochs", "3", "--lr", "0.002"]
     train(vae_mlp, data_dir, tmp_path, *argv, "--binarize", "dynamic")
-    rows = read_metrics(tmp_path)
-    assert [float(r["kl_weight"]) for r in rows] == [0.0, 0.5, 1.0]
+    rows = read_metrics(tmp_path)  # the weight at the last of each epoch's 8 steps
+    assert [float(r["kl_weight"]) for r in rows] == [7 / 16, 15 / 16, 1.0]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.002, 0.0015, 0.0005])
     assert float(rows[-1]["test_recon"]) > 784 * 0.5 * math.log(2 * math.pi)  # the constant
     assert "warning" not in capsys.readouterr().err
@@ -478,10 +490,12 @@ def test_sigint_in_epoch_2_then_resume_matches(data_dir, uninterrupted, tmp_path
     for name, value in result["model"].state_dict().items():
         assert torch.equal(value, ckpt["model"][name]), name
     monkeypatch.undo()
+    assert len(gif_frames(tmp_path / "samples.gif")) == 1
     assert vae_mlp.main([*argv, "--resume"])["exit_code"] == 0
     assert final_numbers(tmp_path) == final_numbers(uninterrupted)
     iwae = [load(o / "checkpoint.pt")["final"]["iwae_nll"] for o in (tmp_path, uninterrupted)]
     assert iwae[0] == iwae[1]
+    assert gif_pixels(tmp_path / "samples.gif") == gif_pixels(uninterrupted / "samples.gif")
 
 
 def test_interrupted_in_epoch_1_returns_no_model(data_dir, tmp_path, monkeypatch, capsys):
@@ -992,3 +1006,99 @@ def test_metrics_columns_measure_what_they_say(data_dir, tmp_path):
     assert elapsed[0] >= float(rows[0]["train_s"]) + float(rows[0]["test_s"])
     assert elapsed[1] - elapsed[0] >= float(rows[1]["train_s"]) + float(rows[1]["test_s"])
     assert result["metrics"][1]["elapsed_s"] == pytest.approx(elapsed[1])
+
+
+# ----------------------------------------------------------------------------
+# What a course shows: the pictures' arithmetic, active units, one folder per experiment
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_active_units_count_dimensions_whose_means_vary(module):
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([0.0, 0.05, 0.09, 0.11, 1.0, 3.0])  # sd of each dimension's mean
+    mu = torch.randn(10_000, 6, generator=g)
+    mu = (mu - mu.mean(0)) / mu.std(0, correction=0) * spread + 5  # exactly those variances
+    assert module.active_units(mu) == 3  # variances 0.0121, 1 and 9 are above 0.01
+    assert module.active_units(torch.zeros(7, 4)) == 0  # a collapsed posterior
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_traversal_sweeps_one_dimension_per_row(module):
+    torch.manual_seed(0)
+    model = module.VAE(latent_dim=12).eval()
+    x = torch.rand(4, 1, 28, 28)
+    mu_test = torch.randn(100, 12) * torch.linspace(0.1, 1.2, 12)  # dimension 11 varies most
+    pictures = module.grids(model, x, torch.randn(64, 12), mu_test)
+    images, nrow, x_axis, y_axis = pictures["traversal.png"]
+    assert nrow == 11 and y_axis[1] == [f"z[{u}]" for u in range(11, 1, -1)]  # 10, most first
+    assert x_axis[1] == pytest.approx([-2.5 + 0.5 * i for i in range(11)])
+    with torch.no_grad():
+        mu = model.encode(x)[0][0]  # the first test image's posterior mean
+        for row, u in enumerate(range(11, 1, -1)):
+            z = mu.repeat(11, 1)
+            z[:, u] = torch.linspace(-2.5, 2.5, 11)  # this row's dimension, and only it
+            expected = torch.sigmoid(model.decode(z))
+            torch.testing.assert_close(images[row * 11 : (row + 1) * 11], expected)
+
+
+def test_manifold_covers_the_test_means_with_its_values_on_the_axes():
+    torch.manual_seed(0)
+    model = vae_mlp.VAE(latent_dim=2).eval()
+    mu_test = torch.tensor([[-3.0, 0.5], [1.0, -1.0], [2.0, 4.0]])
+    pictures = vae_mlp.grids(model, torch.rand(2, 1, 28, 28), torch.randn(64, 2), mu_test)
+    images, nrow, (xl, x_values), (yl, y_values) = pictures["manifold.png"]
+    assert (xl, yl, nrow, images.shape) == ("z[0]", "z[1]", 20, (400, 1, 28, 28))
+    assert x_values == pytest.approx(torch.linspace(-3, 2, 20).tolist())  # left to right
+    assert y_values == pytest.approx(torch.linspace(4, -1, 20).tolist())  # top to bottom
+    with torch.no_grad():  # row 0 is the top: z[1] = 4; its first column z[0] = -3
+        corner = torch.sigmoid(model.decode(torch.tensor([[-3.0, 4.0]])))
+    torch.testing.assert_close(images[:1], corner)
+
+
+@pytest.mark.parametrize(
+    "flags, folder",
+    [
+        ([], "vae_mlp"),
+        (["--epochs", "3", "--iw-samples", "0", "--seed", "1"], "vae_mlp"),  # same experiment
+        (["--beta", "4"], "vae_mlp-beta4"),
+        (["--latent-dim", "2"], "vae_mlp-latent-dim2"),
+        (["--beta=0", "--likelihood", "gaussian"], "vae_mlp-likelihood-gaussian-beta0"),
+        (["--lr", "1e-3", "--batch-size", "64"], "vae_mlp-batch-size64-lr0.001"),
+        (["--beta", "4", "--out", "mine"], "mine"),  # --out wins
+    ],
+)
+def test_each_experiment_has_its_own_default_folder(flags, folder):
+    args = vae_mlp.get_args(flags)
+    assert args.out == (folder if folder == "mine" else os.path.join("results", folder))
+    assert args.checkpoint == os.path.join(args.out, "checkpoint.pt")
+
+
+def test_progress_line_shows_in_jupyter_not_in_a_pipe(monkeypatch, capsys):
+    import io
+
+    class OutStream(io.StringIO):  # ipykernel's stdout, which draws "\r" as a terminal does
+        pass
+
+    OutStream.__module__ = "ipykernel.iostream"
+    for stdout, shown in ((OutStream(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        bar = common.Progress("epoch 1/2", 10)
+        bar.last -= 1  # a second after the last redraw
+        bar.update(3, torch.tensor(101.5))
+        assert ("\repoch 1/2  3/10  loss  101.50" in stdout.getvalue()) is shown
+
+
+def test_samples_gif_has_every_epoch_across_a_resume(data_dir, tmp_path):
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0"]
+    assert vae_mlp.main([*argv, "--epochs", "2"])["exit_code"] == 0
+    before = gif_pixels(tmp_path / "samples.gif")
+    assert vae_mlp.main([*argv, "--resume", "--epochs", "3"])["exit_code"] == 0
+    after = gif_pixels(tmp_path / "samples.gif")
+    assert len(before) == 2 and after[:2] == before and len(after) == 3
+
+
+def gif_pixels(path):
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return [f.convert("L").tobytes() for f in ImageSequence.Iterator(gif)]

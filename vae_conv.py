@@ -116,7 +116,7 @@ class VAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# The ELBO and the importance-weighted bound, per image, in nats
+# The basic VAE: the terms of the ELBO, per image, in nats
 
 
 def reparameterize(mu, logvar, generator=None):
@@ -142,6 +142,72 @@ def kl_std_normal(mu, logvar):
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
 
 
+def neg_elbo(model, x, likelihood, beta=1.0):
+    """Recon and KL per image (B,), and the loss: the -ELBO averaged over the batch."""
+    logits, mu, logvar = model(x)
+    recon = recon_nll(logits, x, likelihood)  # -log p(x|z), one z ~ q(z|x) per image
+    kl = kl_std_normal(mu, logvar)
+    # -ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z))   (K&W 2013, eq. 10; beta: Higgins et al.)
+    return recon, kl, (recon + beta * kl).mean()
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation
+
+
+def to_float(x_uint8, binarize="none"):
+    """uint8 pixels -> [0, 1]; 'dynamic' draws x ~ Bernoulli(pixel) (a fresh sample each call)."""
+    x = x_uint8.float().div_(255)
+    return torch.bernoulli(x) if binarize == "dynamic" else x
+
+
+def train_epoch(model, opt, x_train, args, epoch):
+    """One pass of Adam steps over the training set in a random order (the last incomplete
+    batch is dropped). Returns per-image recon and KL and the loss of each batch, (batches, 3),
+    on the device: nothing here waits for it."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(epoch, args)
+    n_batches = len(x_train) // args.batch_size
+    order = torch.randperm(len(x_train), device=x_train.device)[: n_batches * args.batch_size]
+    stats = torch.zeros(n_batches, 3, device=x_train.device)
+    progress = common.Progress(f"epoch {epoch}/{args.epochs}", n_batches)
+    for i, idx in enumerate(order.split(args.batch_size)):
+        x = to_float(x_train[idx], args.binarize)  # (B, 1, 28, 28) in [0, 1]
+        beta = kl_weight((epoch - 1) * n_batches + i, n_batches, args)
+        if args.train_k == 1:
+            recon, kl, loss = neg_elbo(model, x, args.likelihood, beta)
+        else:
+            recon, kl, loss = neg_iwae(model, x, args.likelihood, args.train_k, beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats[i] = torch.stack([recon.mean(), kl.mean(), loss]).detach()
+        progress.update(i + 1, loss)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, x_test, args, batch_size=2000):
+    """Test recon, KL and -ELBO per image (one z per image, from fixed noise) and the number
+    of active units; and the posterior means of the test images, (N, D)."""
+    model.eval()
+    g = torch.Generator(x_test.device).manual_seed(0)  # the same noise at every evaluation
+    recon, kl, mus = 0.0, 0.0, []
+    for xb in x_test.split(batch_size):
+        x = to_float(xb)  # (B, 1, 28, 28); a binarized test set is fixed at load time
+        logits, mu, logvar = model(x, generator=g)
+        recon += recon_nll(logits, x, args.likelihood).sum()
+        kl += kl_std_normal(mu, logvar).sum()
+        mus.append(mu)
+    recon, kl, mu = recon.item() / len(x_test), kl.item() / len(x_test), torch.cat(mus)
+    return {"recon": recon, "kl": kl, "loss": recon + kl, "active_units": active_units(mu)}, mu
+
+
+# ----------------------------------------------------------------------------
+# Beyond the basic VAE: the importance-weighted bound, schedules, the pictures' arithmetic
+
+
 def log_normal(z, mu, logvar):
     """log N(z; mu, diag(exp(logvar))) summed over the last dim: (..., D) -> (...)."""
     # log N = -1/2 sum_j (log 2 pi + log sigma_j^2 + (z_j - mu_j)^2 / sigma_j^2)
@@ -158,15 +224,6 @@ def log_weights(model, x, mu, logvar, eps, likelihood):
     return log_px_z, log_normal(z, zero, zero) - log_normal(z, mu, logvar)
 
 
-def neg_elbo(model, x, likelihood, beta=1.0):
-    """Recon and KL per image (B,), and the loss: the -ELBO averaged over the batch."""
-    logits, mu, logvar = model(x)
-    recon = recon_nll(logits, x, likelihood)  # -log p(x|z), one z ~ q(z|x) per image
-    kl = kl_std_normal(mu, logvar)
-    # -ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z))   (K&W 2013, eq. 10; beta: Higgins et al.)
-    return recon, kl, (recon + beta * kl).mean()
-
-
 def neg_iwae(model, x, likelihood, k, beta=1.0):
     """Recon (of z_1) and KL per image (B,), and the loss: -L_K averaged over the batch."""
     mu, logvar = model.encode(x)  # (B, D)
@@ -176,73 +233,6 @@ def neg_iwae(model, x, likelihood, k, beta=1.0):
     # L_K = log 1/K sum_k w_k   (Burda et al. 2015, eq. 8)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return -log_px_z[0], kl_std_normal(mu, logvar), -bound.mean()
-
-
-def learning_rate(epoch, args):
-    """Adam's rate in `epoch` (1-based): constant, or cosine from --lr towards 0 over the run."""
-    if args.lr_schedule == "constant":
-        return args.lr
-    # lr_e = lr / 2 (1 + cos(pi (e - 1) / E))   (Loshchilov & Hutter 2017, eq. 5)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
-
-
-def kl_weight(epoch, args):
-    """The KL weight in `epoch` (1-based): 0 in epoch 1, rising linearly to --beta at
-    epoch --kl-warmup + 1 (Bowman et al. 2016, sec. 3.1); --beta throughout when it is 0."""
-    return args.beta * min(1.0, (epoch - 1) / args.kl_warmup) if args.kl_warmup else args.beta
-
-
-def to_float(x_uint8, binarize="none"):
-    """uint8 pixels -> [0, 1]; 'dynamic' draws x ~ Bernoulli(pixel) (a fresh sample each call)."""
-    x = x_uint8.float().div_(255)
-    return torch.bernoulli(x) if binarize == "dynamic" else x
-
-
-# ----------------------------------------------------------------------------
-# Training and evaluation
-
-
-def train_epoch(model, opt, x_train, args, epoch):
-    """One pass of Adam steps over the training set in a random order (the last incomplete
-    batch is dropped). Returns per-image recon and KL and the loss of each batch, (batches, 3),
-    on the device: nothing here waits for it."""
-    model.train()
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(epoch, args)
-    beta = kl_weight(epoch, args)
-    n_batches = len(x_train) // args.batch_size
-    order = torch.randperm(len(x_train), device=x_train.device)[: n_batches * args.batch_size]
-    stats = torch.zeros(n_batches, 3, device=x_train.device)
-    progress = common.Progress(f"epoch {epoch}/{args.epochs}", n_batches)
-    for i, idx in enumerate(order.split(args.batch_size)):
-        x = to_float(x_train[idx], args.binarize)  # (B, 1, 28, 28) in [0, 1]
-        if args.train_k == 1:
-            recon, kl, loss = neg_elbo(model, x, args.likelihood, beta)
-        else:
-            recon, kl, loss = neg_iwae(model, x, args.likelihood, args.train_k, beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stats[i] = torch.stack([recon.mean(), kl.mean(), loss]).detach()
-        progress.update(i + 1, loss)
-    return stats
-
-
-@torch.no_grad()
-def evaluate(model, x_test, args, batch_size=2000):
-    """Test recon, KL and -ELBO per image, one z per image from fixed noise; and every mu."""
-    model.eval()
-    g = torch.Generator(x_test.device).manual_seed(0)  # the same noise at every evaluation
-    sums, mus = torch.zeros(2, device=x_test.device), []
-    for xb in x_test.split(batch_size):
-        x = to_float(xb)  # (B, 1, 28, 28); a binarized test set is fixed at load time
-        logits, mu, logvar = model(x, generator=g)
-        sums += torch.stack([recon_nll(logits, x, args.likelihood), kl_std_normal(mu, logvar)]).sum(
-            1
-        )
-        mus.append(mu)
-    recon, kl = (sums / len(x_test)).tolist()
-    return {"recon": recon, "kl": kl, "loss": recon + kl}, torch.cat(mus)
 
 
 @torch.no_grad()
@@ -276,10 +266,33 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=512, progress=None):
     return -total / len(x_test)
 
 
+def learning_rate(epoch, args):
+    """Adam's rate in `epoch` (1-based): constant, or cosine from --lr towards 0 over the run."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    # lr_e = lr / 2 (1 + cos(pi (e - 1) / E))   (Loshchilov & Hutter 2017, eq. 5)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def kl_weight(step, steps_per_epoch, args):
+    """The KL weight at training step `step` (0-based, over the run): rising linearly from 0
+    to --beta over --kl-warmup epochs of steps (Bowman et al. 2016, sec. 3.1), then --beta."""
+    warmup_steps = args.kl_warmup * steps_per_epoch
+    return args.beta * min(1.0, step / warmup_steps) if warmup_steps else args.beta
+
+
+def active_units(mu):
+    """How many latent dimensions the model uses, from the test set's posterior means (N, D):"""
+    # u is active when Cov_x(E_q(z|x)[z_u]) > 0.01   (Burda et al. 2015, sec. 5.2)
+    return int((mu.var(0, correction=0) > 0.01).sum())
+
+
 @torch.no_grad()
-def grids(model, x, z):
+def grids(model, x, z, mu_test):
     """The pictures of one epoch, each (N, 1, 28, 28) in [0, 1] with its row length: samples
-    from the fixed z ~ N(0, I), test images above their reconstructions, interpolations."""
+    from the fixed z ~ N(0, I), test images above their reconstructions, interpolations; and,
+    with the values along their axes, a traversal of the most used latent dimensions (and for
+    a 2-D latent the manifold over where the test set's posterior means lie)."""
     model.eval()
 
     def mean(z):  # E[x|z] = sigmoid(logits) under either likelihood
@@ -290,18 +303,26 @@ def grids(model, x, z):
     walk = (1 - t) * mu[0::2, None] + t * mu[1::2, None]  # (R, 10, D): mu_a -> mu_b
     decoded = mean(walk.flatten(0, 1)).view(n, 10, *x.shape[1:])
     recon = mean(mu)
+    pairs = torch.cat([x[0::2, None], decoded, x[1::2, None]], 1).flatten(0, 1)
     out = {
         "samples.png": (mean(z), 8),
         "reconstructions.png": (torch.cat([x[:n], recon[:n], x[n:], recon[n:]]), n),
-        "interpolation.png": (
-            torch.cat([x[0::2, None], decoded, x[1::2, None]], 1).flatten(0, 1),
-            12,
-        ),
+        "interpolation.png": (pairs, 12),
     }
-    if z.shape[1] == 2:  # the 2-D latent space itself: z on a grid of Gaussian quantiles 0.05..0.95
-        q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
-        z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # z2 grows upwards
-        out["manifold.png"] = (mean(torch.stack([z1, z2], -1).view(-1, 2).to(z.device)), 20)
+    # traversal: the first test image's mu, with one dimension per row swept over -2.5..2.5
+    dims = mu_test.var(0).argsort(descending=True)[:10]  # the most used dimensions first
+    sweep = torch.linspace(-2.5, 2.5, 11, device=x.device)
+    z_rows = mu[0].repeat(len(dims), 11, 1)  # (rows, 11, D)
+    z_rows[torch.arange(len(dims)), :, dims] = sweep
+    rows = [f"z[{u}]" for u in dims.tolist()]
+    x_axis = ("value of the row's dimension (the others: a test image's mu)", sweep.tolist())
+    out["traversal.png"] = (mean(z_rows.flatten(0, 1)), 11, x_axis, ("", rows))
+    if z.shape[1] == 2:  # the 2-D latent space itself: 20 x 20 z over where the test mu lie
+        lo, hi = mu_test.min(0).values, mu_test.max(0).values
+        z0, z1 = (torch.linspace(lo[i], hi[i], 20, device=x.device) for i in (0, 1))
+        z1 = z1.flip(0)  # z[1] grows upwards
+        grid = torch.stack(torch.meshgrid(z0, z1, indexing="xy"), -1).view(-1, 2)  # (400, 2)
+        out["manifold.png"] = (mean(grid), 20, ("z[0]", z0.tolist()), ("z[1]", z1.tolist()))
     return out
 
 
@@ -340,10 +361,10 @@ def main(argv=()):
 
     common.speed_up(model, args, args.batch_size)  # channels_last, --compile: same math, faster
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-    rows = result["metrics"] = common.resume(args, ckpt, opt)  # one row per epoch done
     z_fixed = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     x_shown = to_float(x_test[: min(16, len(x_test) // 2 * 2)])  # pairs of test images
-    saver = common.Saver(args, MODEL_FLAGS, model, opt, rows)  # metrics, pictures, checkpoint
+    saver = common.Saver(args, MODEL_FLAGS, model, opt, ckpt)  # metrics, pictures, checkpoint
+    rows = result["metrics"] = saver.rows  # one per epoch done, the checkpoint's too
     common.print_header(args, model, data)
     with common.StopOnSignal(args, saver) as stop:  # Ctrl-C: exit 130, resume later
         for epoch in range(len(rows) + 1, args.epochs + 1):
@@ -355,9 +376,9 @@ def main(argv=()):
             common.check_finite(stats[:, 2], epoch, saver)  # waits for the device, once
             t1 = time.perf_counter()
             result["test"], mu = evaluate(model, x_test, args)
-            lr, beta = opt.param_groups[0]["lr"], kl_weight(epoch, args)
-            saver.add_row(stats, result["test"], lr, beta, (t1 - t0, time.perf_counter() - t1))
-            saver.epoch(grids(model, x_shown, z_fixed.to(device)), mu, y_test)  # and its line
+            beta = kl_weight(epoch * len(stats) - 1, len(stats), args)  # at its last step
+            saver.add_row(stats, result["test"], beta, (t1 - t0, time.perf_counter() - t1))
+            saver.epoch(grids(model, x_shown, z_fixed.to(device), mu), mu, y_test)  # and its line
         if k:
             bar = common.Progress(f"IWAE bound, K={k}", len(x_test))
             result["iwae_nll"] = iwae_nll(model, x_test, k, args.likelihood, decodes, bar)
