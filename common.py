@@ -353,9 +353,8 @@ def grid_pixels(images, nrow=None, padding=2):
     """The grid of save_grid as a (H, W) uint8 array."""
     n, _, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
-    grid = torch.zeros(
-        math.ceil(n / cols) * (h + padding) + padding, cols * (w + padding) + padding
-    )
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(rows * (h + padding) + padding, cols * (w + padding) + padding)
     for i, image in enumerate(images.detach().float().cpu()):
         top, left = (padding + k * (s + padding) for k, s in zip(divmod(i, cols), (h, w)))
         grid[top : top + h, left : left + w] = image[0]
@@ -413,9 +412,7 @@ def save_latent(mu, y, path):
         share = (s[:2] ** 2 / (s**2).sum() * 100).tolist()
         labels = tuple(f"PC {i + 1} ({p:.0f}% of variance)" for i, p in enumerate(share))
     fig, ax = _figure(6, 5)
-    sc = ax.scatter(
-        points[:, 0], points[:, 1], c=y, cmap="tab10", s=2, alpha=0.7, vmin=-0.5, vmax=9.5
-    )
+    sc = ax.scatter(*points.T, c=y, cmap="tab10", s=2, alpha=0.7, vmin=-0.5, vmax=9.5)
     fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
     ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
     if mu.shape[1] == 2:
@@ -528,13 +525,14 @@ class Saver:
 
     def checkpoint(self, final=None):
         """Only tensors and plain values: torch.load(path, weights_only=True) reads it."""
-        a, rows = self.args, self.rows
+        a, rows, opt = self.args, self.rows, self.opt.state_dict()
+        param_state = {i: {k: v.cpu() for k, v in s.items()} for i, s in opt["state"].items()}
         state = {
             "script": a.script,
             "config": {k: getattr(a, k) for k in self.model_flags},  # VAE(**config) rebuilds it
             "args": {k: v for k, v in vars(a).items() if k != "explicit"},
-            "model": _on_cpu(self.model.state_dict()),
-            "optimizer": _on_cpu(self.opt.state_dict()),  # readable where there is no GPU
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": {**opt, "state": param_state},  # on the CPU: readable without a GPU
             "epoch": rows[-1]["epoch"],  # epochs completed
             "metrics": rows,
             "steps": self.steps,  # per-image recon and KL of every training step, for loss.png
@@ -555,17 +553,6 @@ class Saver:
             ckpt = torch.load(self.args.checkpoint, map_location="cpu", weights_only=True)
             self.model.load_state_dict(ckpt["model"])
         return {"model": self.model, "test": {k: self.rows[-1][f"test_{k}"] for k in TERMS}}
-
-
-def _on_cpu(state):
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _on_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_on_cpu(v) for v in state)
-    return state
 
 
 CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "final")
