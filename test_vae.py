@@ -724,7 +724,8 @@ def bad_runs(data_dir, tmp_path_factory):
     # server: there each case is a fresh interpreter (slower, the same checks).
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["vae_mlp", "torchvision.datasets", "matplotlib.figure"])
+        imports = ["pytest", "torch.distributions", "matplotlib.image", "matplotlib.figure"]
+        ctx.set_forkserver_preload(["vae_conv", "vae_mlp", "torchvision.datasets", *imports])
     else:
         ctx = multiprocessing.get_context("spawn")
     names, results = [n for n in cases if runs_here(cases[n][3])], {}
@@ -770,15 +771,17 @@ def script_process(argv, limit, err_path):
     sys.exit(common.run(vae_mlp.main, argv))
 
 
-def _case_names():
-    import tempfile
+def pytest_generate_tests(metafunc):
+    """The cases of test_bad_input_is_one_line, named at collection: not at import, which
+    every case's process does too."""
+    if "case" in metafunc.fixturenames:
+        import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_idx(os.path.join(tmp, "good"))
-        return list(bad_cases(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_idx(os.path.join(tmp, "good"))
+            metafunc.parametrize("case", list(bad_cases(tmp)))
 
 
-@pytest.mark.parametrize("case", _case_names())
 def test_bad_input_is_one_line(case, bad_runs):
     tmp, cases, results = bad_runs
     argv, names, code, limit = cases[case]
@@ -1102,3 +1105,33 @@ def gif_pixels(path):
 
     with Image.open(path) as gif:
         return [f.convert("L").tobytes() for f in ImageSequence.Iterator(gif)]
+
+
+# ----------------------------------------------------------------------------
+# The prepared GPU check runs end to end on a CPU
+
+
+def test_gpu_check_runs_on_a_cpu_and_reports_every_case(data_dir, tmp_path):
+    """benchmarks/gpu_check.py with the MLP's default run only (one run of the script): exit
+    0, a report with every section, and each case with its numbers or why it has none."""
+    report = tmp_path / "report.md"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "gpu_check.py"), "--device", "cpu",
+           "--data-dir", data_dir, "--scratch", str(tmp_path / "scratch"), "--report",
+           str(report), "--scripts", "vae_mlp", "--epochs", "1", "--cases", "default"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = report.read_text()
+    assert text in done.stdout  # the same section on stdout
+    sections = ("1. The default commands", "2. The bound at K=1000", "3. Numerical check")
+    for part in ("### GPU check: CPU only", "torch ", "Python ", *sections, "4. Evidence"):
+        assert part in text
+    rows = []  # the cells after the script's name, table by table
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "vae_mlp" in cells:
+            rows.append(cells[cells.index("vae_mlp") + 1 :])
+    assert len(rows) == 3 + 6  # default, bound, check; the 6 training runs of section 4
+    default = rows[0]
+    assert all(float(v.split(" ")[0]) >= 0 for v in default) and "(K=10)" in default[-1]
+    assert rows[1][0] == rows[2][0] == "skipped: not in --cases"
+    assert [r[0] for r in rows[3:]].count("skipped: not in --cases") == 5  # all but the default
