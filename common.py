@@ -300,10 +300,7 @@ RUN_FILES = ("samples.png", "samples.gif", "reconstructions.png", "interpolation
 
 
 def prepare_out(args):
-    """--out (and, to train, the checkpoint's folder) exist and are writable, before any work;
-    a new run removes the files of the run that was there (saying so), so none is left mixed."""
-    if not (args.resume or args.eval_only or args.generate):
-        _clear_old_run(args)
+    """--out (and, to train, the checkpoint's folder) exist and are writable, before any work."""
     folders = [("--out", args.out)]
     if not (args.eval_only or args.generate):
         if os.path.isdir(args.checkpoint):
@@ -318,7 +315,10 @@ def prepare_out(args):
             raise UserError(f"{flag}: cannot write to folder {folder}: {e.strerror or e}") from None
 
 
-def _clear_old_run(args):
+def clear_old_run(args):
+    """A new run removes the files of the run that was in --out (saying so), so that none is
+    left mixed with its own; called once it is sure to start, so a bad flag or file removes
+    nothing."""
     names = [os.path.join(args.out, n) for n in RUN_FILES]
     if os.path.isdir(args.out):
         names += [os.path.join(args.out, n) for n in os.listdir(args.out)
@@ -474,6 +474,8 @@ class Saver:
 
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
+        if not args.resume:
+            clear_old_run(args)
         self.rows = resume(args, ckpt, opt)  # one row per epoch done
         self.saved = len(self.rows)  # the epochs in the checkpoint on disk
         old = ckpt if self.saved else {}  # the loss curve and the GIF's frames of a resumed run
@@ -637,6 +639,9 @@ def resume(args, ckpt, opt):
 
 
 def get_device(name):
+    # plain float32 convolutions on a GPU: TF32 (PyTorch's default for cuDNN) was no faster on
+    # an H200 (1.71 against 1.74 s per conv epoch, benchmarks/RESULTS.md), only less exact
+    torch.backends.cudnn.allow_tf32 = False
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
@@ -687,7 +692,8 @@ def print_header(args, model, data):
     print(
         f"{args.script}: {n_params:,} parameters on {device}; {args.dataset} "
         f"{len(data['train'][0])} train / {len(data['test'][0])} test images, binarize "
-        f"{args.binarize}, {args.likelihood} likelihood; writing to {args.out}/"
+        f"{args.binarize}, {args.likelihood} likelihood; writing to {args.out}/",
+        flush=True,
     )
     if args.kl_warmup >= args.epochs:
         print(
