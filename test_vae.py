@@ -825,11 +825,11 @@ def test_a_changed_model_cannot_load_an_old_checkpoint(data_dir, tmp_path, capsy
 
 
 def test_help_shows_each_scripts_defaults(capsys):
-    assert vae_mlp.get_args([]).lr == 3e-3 and vae_conv.get_args([]).lr == 2e-3
+    assert vae_mlp.get_args([]).lr == 5e-3 and vae_conv.get_args([]).lr == 2e-3
     with pytest.raises(SystemExit):
         vae_mlp.get_args(["--help"])
     out = capsys.readouterr().out
-    assert "(default: 0.003)" in out and "--train-k K" in out
+    assert "(default: 0.005)" in out and "--train-k K" in out
 
 
 # ----------------------------------------------------------------------------
@@ -1139,3 +1139,45 @@ def test_gpu_check_runs_on_a_cpu_and_reports_every_case(data_dir, tmp_path):
     assert all(float(v.split(" ")[0]) >= 0 for v in default) and "(K=10)" in default[-1]
     assert rows[1][0] == rows[2][0] == "skipped: not in --cases"
     assert [r[0] for r in rows[3:]].count("skipped: not in --cases") == 5  # all but the default
+
+
+# ----------------------------------------------------------------------------
+# What the README says of the numbers and of the scripts
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_the_numbers_the_readme_explains(module):
+    x = (torch.rand(3, 1, 28, 28) > 0.5).float()
+    coin = module.recon_nll(torch.zeros(3, 1, 28, 28), x, "bernoulli")  # p = 0.5 everywhere
+    assert (
+        coin.tolist() == pytest.approx([784 * math.log(2)] * 3)
+        and round(coin[0].item(), 1) == 543.4
+    )
+    x = torch.rand(3, 1, 28, 28) * 0.98 + 0.01
+    exact = module.recon_nll(torch.logit(x), x, "gaussian")  # x_hat = x: only the constant
+    assert exact.tolist() == pytest.approx([392 * math.log(2 * math.pi)] * 3, rel=1e-5)
+    assert round(exact[0].item(), 1) == 720.4
+
+
+def test_the_scripts_are_twins_outside_the_model():
+    """`diff vae_mlp.py vae_conv.py` shows the model, its flags, the defaults of --lr and
+    --batch-size and the script's name, nothing else."""
+
+    def shared(name):
+        with open(os.path.join(HERE, name)) as f:
+            text = f.read()
+        start, end = text.index("class VAE(nn.Module):"), text.index("    def encode(self, x):")
+        text = text[:start] + text[end:]  # the model's layers
+        flags = ("channels", "hidden-dim", "latent-dim", "lr", "batch-size")  # model, rate, batch
+        own = [*(f'"--{f}",' for f in flags), "vae_mlp", "vae_conv", "MODEL_FLAGS ="]
+        own += ["fully-connected", "convolutional", "Adam's learning rate (", "Adam step ("]
+        return [line for line in text.splitlines() if not any(w in line for w in own)]
+
+    assert shared("vae_mlp.py") == shared("vae_conv.py")
+
+
+def test_tf32_is_off(data_dir, tmp_path):
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    common.get_device("auto")
+    assert torch.backends.cudnn.allow_tf32 is False  # plain float32 on a GPU too
+    assert torch.backends.cuda.matmul.allow_tf32 is False

@@ -55,7 +55,8 @@ def get_args(argv=()):
                    help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
-    g.add_argument("--batch-size", type=pos_int, default=64, help="images per Adam step")
+    g.add_argument("--batch-size", type=pos_int, default=64,
+                   help="images per Adam step (128: 1.3 nats worse after 5 epochs, RESULTS.md)")
     g.add_argument("--lr", type=pos_float, default=2e-3,
                    help="Adam's learning rate (1e-3: 1.3 nats worse after 5 epochs, RESULTS.md)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
