@@ -28,9 +28,11 @@ The cases, in order of priority, each for vae_mlp.py then vae_conv.py:
              CPU: test -ELBO within 1 nat, and every file of OUTPUT_FILES in the device run's
              folder (with --device cpu: CPU against CPU, the plumbing only)
   tf32-off   the default command with torch.backends.cuda.matmul.allow_tf32 and
-  tf32-on    torch.backends.cudnn.allow_tf32 both False / both True. PyTorch's default, the
-             `default` case, is matmul False and cuDNN True. On a CPU: run, to no effect.
-  batch-256  --batch-size 256 / 512 (the scripts' default is 128)
+  tf32-on    torch.backends.cudnn.allow_tf32 both False / both True before the script runs.
+             The scripts turn cuDNN's off themselves (common.get_device, since this check
+             found it no faster), so the report gives the settings each run ended with. On a
+             CPU: run, to no effect.
+  batch-256  --batch-size 256 / 512 (the scripts' defaults are 64 and 128)
   batch-512
   compile    --compile (last: it compiles for tens of seconds)
 
@@ -71,7 +73,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("vae_mlp", "vae_conv")
 CASES = ("default", "bound", "check", "tf32-off", "tf32-on", "batch-256", "batch-512", "compile")
 RUNS = {  # the cases that train at --epochs: TF32 setting, extra flags, label in the report
-    "default": ("default", [], "PyTorch default TF32, batch 128"),
+    "default": ("default", [], "the scripts' defaults"),
     "tf32-off": ("off", [], "TF32 off (matmul and cuDNN)"),
     "tf32-on": ("on", [], "TF32 on (matmul and cuDNN)"),
     "batch-256": ("default", ["--batch-size", "256"], "`--batch-size 256`"),
@@ -92,6 +94,9 @@ import atexit, os, runpy, sys
 import torch
 
 def peak():
+    on = {True: "on", False: "off"}  # as the run used them: the scripts turn cuDNN's off
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    print("TF32_SETTINGS", f"matmul {on[matmul]}, cuDNN {on[cudnn]}", file=sys.stderr)
     if torch.cuda.is_initialized():
         print("PEAK_MEMORY_BYTES", torch.cuda.max_memory_allocated(), file=sys.stderr)
     try:
@@ -107,9 +112,6 @@ tf32, script = sys.argv[1], sys.argv[2]
 if tf32 != "default":
     torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
     torch.backends.cudnn.allow_tf32 = tf32 == "on"
-on = {True: "on", False: "off"}
-matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-print("TF32_SETTINGS", f"matmul {on[matmul]}, cuDNN {on[cudnn]}", file=sys.stderr)
 sys.argv = sys.argv[2:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 runpy.run_path(script, run_name="__main__")
@@ -485,9 +487,10 @@ def render(args, info, results, budget, finished):
         *table(results, [(("check", s), [s]) for s in scripts], ["script"], CHECK_COLUMNS),
         "",
         f"4. Evidence for the GPU defaults: each a run of `--epochs {args.epochs}`. The first "
-        "rows are those of 1: PyTorch's default TF32, matmul off and cuDNN on. TF32: "
-        "torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 as the run "
-        "reported them. The start-up of --compile includes compiling.",
+        "rows are those of 1, the scripts' defaults. TF32: "
+        "torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 as each run "
+        "ended with them (the scripts turn cuDNN's off). The start-up of --compile includes "
+        "compiling.",
         "",
     ]
     if device == "cpu":
