@@ -354,10 +354,11 @@ def grid_pixels(images, nrow=None, padding=2):
     n, _, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
-    grid = torch.zeros(rows * (h + padding) + padding, cols * (w + padding) + padding)
-    for i, image in enumerate(images.detach().float().cpu()):
-        top, left = (padding + k * (s + padding) for k, s in zip(divmod(i, cols), (h, w)))
-        grid[top : top + h, left : left + w] = image[0]
+    cells = torch.zeros(rows * cols, h + padding, w + padding)  # each image below/right of a gap
+    cells[:n, padding:, padding:] = images.detach().float().cpu()[:, 0]
+    grid = cells.view(rows, cols, h + padding, w + padding).transpose(1, 2)
+    grid = grid.reshape(rows * (h + padding), cols * (w + padding))
+    grid = torch.nn.functional.pad(grid, (0, padding, 0, padding))  # the last gaps
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
 
 
@@ -377,7 +378,7 @@ def save_gif(frames, path):
 def save_labelled_grid(images, nrow, x_axis, y_axis, path):
     """A grid of decodings with the latent values along its axes: (label, values) each."""
     rows, (h, w) = math.ceil(len(images) / nrow), images.shape[2:]
-    fig, ax = _figure(1.5 + 0.42 * nrow, 1.0 + 0.42 * rows)
+    fig, ax = _figure(1.5 + 0.42 * nrow, 1.0 + 0.42 * rows, margins=(0.8, 0.9, 0.2, 0.1))
     ax.imshow(grid_pixels(images, nrow, padding=0), cmap="gray", vmin=0, vmax=255)
     name = lambda v: v if isinstance(v, str) else f"{v:.2g}"  # noqa: E731
     ax.set_xticks([(i + 0.5) * w - 0.5 for i in range(nrow)], map(name, x_axis[1]), rotation=90)
@@ -386,15 +387,18 @@ def save_labelled_grid(images, nrow, x_axis, y_axis, path):
     _save_figure(fig, path)
 
 
-def _figure(width, height, columns=1):
+def _figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
+    """Margins in inches (left, bottom, right, top), fixed: tight_layout would draw the figure
+    once more, a third of a second each."""
     from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
 
     fig = Figure(figsize=(width, height), dpi=100)
+    left, bottom, right, top = margins
+    fig.subplots_adjust(left / width, bottom / height, 1 - right / width, 1 - top / height, 0.25)
     return fig, fig.subplots(1, columns)
 
 
 def _save_figure(fig, path):
-    fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
@@ -411,9 +415,11 @@ def save_latent(mu, y, path):
         points = centred @ v[:2].T
         share = (s[:2] ** 2 / (s**2).sum() * 100).tolist()
         labels = tuple(f"PC {i + 1} ({p:.0f}% of variance)" for i, p in enumerate(share))
-    fig, ax = _figure(6, 5)
-    sc = ax.scatter(*points.T, c=y, cmap="tab10", s=2, alpha=0.7, vmin=-0.5, vmax=9.5)
-    fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
+    fig, ax = _figure(6, 5, margins=(0.8, 0.6, 0.9, 0.4))
+    for label in range(10):  # one colour per label; a plot draws 3x faster than a scatter
+        x0, x1 = points[y == label].T
+        ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label}", label=str(label))
+    ax.legend(title="label", loc="center left", bbox_to_anchor=(1, 0.5), markerscale=6)
     ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
     if mu.shape[1] == 2:
         (x0, y0), (x1, y1) = mu.min(0).values.tolist(), mu.max(0).values.tolist()
@@ -480,7 +486,7 @@ class Saver:
         self.saved = len(self.rows)  # the epochs in the checkpoint on disk
         old = ckpt if self.saved else {}  # the loss curve and the GIF's frames of a resumed run
         self.steps, self.frames = old.get("steps", torch.zeros(0, 2)), list(old.get("frames", []))
-        self.start, self.drawing_s, self.draw_cost = time.perf_counter(), 0.0, 1.0
+        self.start, self.drawing_s, self.draw_cost = time.perf_counter(), 0.0, 2.0
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0  # when resumed
 
     def add_row(self, stats, test, kl_weight, seconds):
