@@ -5,6 +5,7 @@ import gzip
 import math
 import multiprocessing
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -1104,6 +1105,33 @@ def test_samples_gif_has_every_epoch_across_a_resume(data_dir, tmp_path):
     assert len(before) == 2 and after[:2] == before and len(after) == 3
 
 
+def test_resume_keeps_the_checkpoints_settings_unless_typed(data_dir, tmp_path):
+    """README: the checkpoint's settings are used unless typed again, and with the cosine
+    schedule --resume --epochs 4 after 2 goes on along the 4-epoch curve."""
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0"]
+    assert vae_mlp.main([*argv, "--epochs", "2", "--lr", "1e-3", "--beta", "0.5"])["exit_code"] == 0
+    rows = vae_mlp.main([*argv, "--resume", "--epochs", "4"])["metrics"]
+    cosine = [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 5e-4, *cosine[2:]])
+    assert [r["kl_weight"] for r in rows] == [0.5] * 4  # --beta from the checkpoint
+    rows = vae_mlp.main([*argv, "--resume", "--epochs", "5", "--lr", "2e-3"])["metrics"]
+    assert rows[-1]["lr"] == pytest.approx(2e-3 * (1 + math.cos(math.pi * 4 / 5)) / 2)  # typed
+
+
+def test_neither_torchvision_nor_matplotlib_is_imported_until_needed(data_dir, tmp_path):
+    """README (Speed): torchvision only to download, matplotlib only at the first figure."""
+    code = (
+        "import sys, vae_mlp, vae_conv\n"
+        "assert not {'torchvision', 'matplotlib'} & set(sys.modules), 'at import'\n"
+        f"r = vae_mlp.main(['--data-dir', {data_dir!r}, '--out', {str(tmp_path)!r}, "
+        "'--epochs', '1', '--iw-samples', '0'])\n"
+        "assert r['exit_code'] == 0 and 'torchvision' not in sys.modules, 'in a run'\n"
+        "assert 'matplotlib' in sys.modules  # the figures of the last epoch\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def gif_pixels(path):
     from PIL import Image, ImageSequence
 
@@ -1181,3 +1209,33 @@ def test_tf32_is_off(data_dir, tmp_path):
     common.get_device("auto")
     assert torch.backends.cudnn.allow_tf32 is False  # plain float32 on a GPU too
     assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+def test_the_readme_flags_table_gives_the_defaults():
+    """Each default in the README's Flags table is the script's own (a changed default that the
+    README kept would mislead every reader of the table)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    table = text[text.index("## Flags") : text.index("## Data, offline")]
+    checked = 0
+    for name, module in SCRIPTS.items():
+        defaults, short = vars(module.get_args([])), name.split("_")[1]  # mlp, conv
+        for line in table.splitlines():
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            model = re.search(r"\((mlp|conv)\)", cells[0]) if len(cells) == 4 else None
+            if len(cells) != 4 or model and model.group(1) != short:
+                continue  # not a row, or the other script's model
+            flags = [f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", cells[1])]
+            cell = cells[2].replace("`", "")
+            if not flags or not cell or "<" in cell or "DIR" in cell or flags[0] == "compile":
+                continue  # no default, or one made from others (--out, --checkpoint)
+            own = re.search(rf"([^,]+) \({short}\)", cell)  # "5e-3 (mlp), 2e-3 (conv)"
+            values = [own.group(1).strip()] if own else [v.strip() for v in cell.split(",")]
+            for flag, value in zip(flags, values):
+                default = defaults[flag]
+                if isinstance(default, (int, float)):
+                    assert float(value) == default, (name, flag, value, default)
+                else:
+                    assert value == default, (name, flag, value, default)
+                checked += 1
+    assert checked >= 2 * 16, checked  # every row with a plain default, for both scripts
