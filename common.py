@@ -367,12 +367,8 @@ def save_gif(frames, path):
     from PIL import Image
 
     first, *rest = (Image.fromarray(f.numpy()) for f in frames)
-    durations = [500] * len(rest) + [2000]
-
-    def write(f):
-        first.save(f, "gif", save_all=True, append_images=rest, duration=durations, loop=0)
-
-    atomic_write(path, write)
+    gif = dict(save_all=True, append_images=rest, duration=[500] * len(rest) + [2000], loop=0)
+    atomic_write(path, lambda f: first.save(f, "gif", **gif))
 
 
 def save_labelled_grid(images, nrow, x_axis, y_axis, path):
@@ -388,8 +384,7 @@ def save_labelled_grid(images, nrow, x_axis, y_axis, path):
 
 
 def _figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
-    """Margins in inches (left, bottom, right, top), fixed: tight_layout would draw the figure
-    once more, a third of a second each."""
+    """Fixed margins in inches (left, bottom, right, top): tight_layout would draw it twice."""
     from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
 
     fig = Figure(figsize=(width, height), dpi=100)
