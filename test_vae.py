@@ -801,6 +801,23 @@ def test_bad_input_is_one_line(case, bad_runs):
             load(os.path.join(root, "checkpoint.pt"))
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0 (see --help)"),
+        (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # never abbreviated
+        (["--seed", str(2**32)], "--seed: must be an integer from 0 to 2^32 - 1"),
+    ],
+)
+def test_a_bad_flag_is_one_line_with_exit_code_2(argv, words, capsys):
+    """README: a bad flag is one line on stderr, exit code 2; from a notebook, SystemExit(2)."""
+    with pytest.raises(SystemExit) as stop:
+        vae_mlp.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("vae_mlp.py: error: ") and words in err
+    assert len(err.splitlines()) == 1
+
+
 def test_compile_that_cannot_run_stops_with_one_line(data_dir, tmp_path, monkeypatch, capsys):
     def too_old(fn, *a, **kw):  # what Inductor raises on its first call on a GTX 10xx or P100
         def call(*a, **kw):
