@@ -843,11 +843,11 @@ def test_a_changed_model_cannot_load_an_old_checkpoint(data_dir, tmp_path, capsy
 
 
 def test_help_shows_each_scripts_defaults(capsys):
-    assert vae_mlp.get_args([]).lr == 5e-3 and vae_conv.get_args([]).lr == 2e-3
+    assert vae_mlp.get_args([]).lr == 7e-3 and vae_conv.get_args([]).lr == 2e-3
     with pytest.raises(SystemExit):
         vae_mlp.get_args(["--help"])
     out = capsys.readouterr().out
-    assert "(default: 0.005)" in out and "--train-k K" in out
+    assert "(default: 0.007)" in out and "--train-k K" in out
 
 
 # ----------------------------------------------------------------------------
@@ -1246,7 +1246,7 @@ def test_the_readme_flags_table_gives_the_defaults():
             cell = cells[2].replace("`", "")
             if not flags or not cell or "<" in cell or "DIR" in cell or flags[0] == "compile":
                 continue  # no default, or one made from others (--out, --checkpoint)
-            own = re.search(rf"([^,]+) \({short}\)", cell)  # "5e-3 (mlp), 2e-3 (conv)"
+            own = re.search(rf"([^,]+) \({short}\)", cell)  # "7e-3 (mlp), 2e-3 (conv)"
             values = [own.group(1).strip()] if own else [v.strip() for v in cell.split(",")]
             for flag, value in zip(flags, values):
                 default = defaults[flag]

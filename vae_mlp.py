@@ -55,9 +55,9 @@ def get_args(argv=()):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=128,
-                   help="images per Adam step (64: 0.2 nats better, 1.5x the time: RESULTS.md)")
-    g.add_argument("--lr", type=pos_float, default=5e-3,
-                   help="Adam's learning rate (3e-3: 0.8 nats worse with SiLU, RESULTS.md)")
+                   help="images per Adam step (64: 1.5x the time, no better: RESULTS.md)")
+    g.add_argument("--lr", type=pos_float, default=7e-3,
+                   help="Adam's learning rate (5e-3: 0.2 nats worse, 1e-2: 0.5, RESULTS.md)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
                    help="cosine: decays from --lr towards 0 over --epochs, set at each epoch")
     g.add_argument("--seed", type=common.seed, default=1, help="for weights, data order and noise")
