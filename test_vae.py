@@ -1052,7 +1052,9 @@ def test_traversal_sweeps_one_dimension_per_row(module):
     torch.manual_seed(0)
     model = module.VAE(latent_dim=12).eval()
     x = torch.rand(4, 1, 28, 28)
-    mu_test = torch.randn(100, 12) * torch.linspace(0.1, 1.2, 12)  # dimension 11 varies most
+    unit = torch.randn(100, 12)
+    unit = (unit - unit.mean(0)) / unit.std(0)  # each column: mean 0, variance exactly 1
+    mu_test = unit * torch.linspace(0.1, 1.2, 12)  # so dimension 11 varies most, then 10, ...
     pictures = module.grids(model, x, torch.randn(64, 12), mu_test)
     images, nrow, x_axis, y_axis = pictures["traversal.png"]
     assert nrow == 11 and y_axis[1] == [f"z[{u}]" for u in range(11, 1, -1)]  # 10, most first
