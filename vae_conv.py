@@ -34,7 +34,7 @@ def get_args(argv=()):
     pos_int, pos_float = common.positive_int, common.positive_float
     g = p.add_argument_group("model")
     g.add_argument("--channels", type=pos_int, default=32, help="channels of conv 1 (2x in conv 2)")
-    g.add_argument("--hidden-dim", type=pos_int, default=512, help="width of each FC layer")
+    g.add_argument("--hidden-dim", type=pos_int, default=256, help="width of each FC layer")
     g.add_argument("--latent-dim", type=pos_int, default=32, help="dim of z (2 adds manifold.png)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist",
@@ -79,7 +79,7 @@ class VAE(nn.Module):
     """x (B, 1, 28, 28) -> 2 strided convs -> FC -> (mu, logvar); z -> FC -> 2 transposed
     convs -> Bernoulli logits (B, 1, 28, 28)."""
 
-    def __init__(self, channels=32, hidden_dim=512, latent_dim=32):
+    def __init__(self, channels=32, hidden_dim=256, latent_dim=32):
         super().__init__()
         act = nn.SiLU  # x * sigmoid(x), smooth where ReLU has a kink: a better bound (RESULTS.md)
         c1, c2 = channels, 2 * channels
