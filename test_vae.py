@@ -1,5 +1,7 @@
 """Tests for vae_mlp.py, vae_conv.py and common.py. CPU only, no network: pytest -q"""
 
+import ast
+import builtins
 import csv
 import gzip
 import math
@@ -1139,9 +1141,6 @@ def test_resume_keeps_the_checkpoints_settings_unless_typed(data_dir, tmp_path):
 
 def test_no_torchvision_and_no_matplotlib_until_needed(data_dir, tmp_path, monkeypatch):
     """README (Speed): torchvision only to download, matplotlib only at the first figure."""
-    import ast
-    import builtins
-
     for name in ("vae_mlp.py", "vae_conv.py", "common.py"):  # at import time: the top level
         with open(os.path.join(HERE, name)) as f:
             top = ast.parse(f.read()).body
