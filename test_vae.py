@@ -1220,15 +1220,16 @@ def test_the_numbers_the_readme_explains(module):
 
 
 def test_the_scripts_are_twins_outside_the_model():
-    """`diff vae_mlp.py vae_conv.py` shows the model, its flags, the defaults of --lr and
-    --batch-size and the script's name, nothing else."""
+    """`diff vae_mlp.py vae_conv.py` shows the model, its flags, the defaults of --lr,
+    --batch-size, --train-k and --train-k-epochs and the script's name, nothing else."""
 
     def shared(name):
         with open(os.path.join(HERE, name)) as f:
             text = f.read()
         start, end = text.index("class VAE(nn.Module):"), text.index("    def encode(self, x):")
         text = text[:start] + text[end:]  # the model's layers
-        flags = ("channels", "hidden-dim", "latent-dim", "lr", "batch-size")  # model, rate, batch
+        flags = ("channels", "hidden-dim", "latent-dim", "lr", "batch-size", "train-k")
+        flags += ("train-k-epochs",)
         own = [*(f'"--{f}",' for f in flags), "vae_mlp", "vae_conv", "MODEL_FLAGS ="]
         own += ["fully-connected", "convolutional", "Adam's learning rate (", "Adam step ("]
         return [line for line in text.splitlines() if not any(w in line for w in own)]

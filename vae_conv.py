@@ -51,8 +51,11 @@ def get_args(argv=()):
                    help="weight of the KL term (1: the ELBO)")
     g.add_argument("--kl-warmup", type=common.nonnegative_int, default=0, metavar="EPOCHS",
                    help="the KL weight rises linearly from 0 to --beta over EPOCHS (0: off)")
-    g.add_argument("--train-k", type=pos_int, default=1, metavar="K",
+    g.add_argument("--train-k", type=pos_int, default=2, metavar="K",
                    help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
+    g.add_argument("--train-k-epochs", type=common.nonnegative_int, default=10, metavar="EPOCHS",
+                   help="train on L_K in the last EPOCHS epochs only, on the ELBO before "
+                        "(0: in every epoch)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=64,
@@ -170,6 +173,7 @@ def train_epoch(model, opt, x_train, args, epoch):
     model.train()
     for group in opt.param_groups:
         group["lr"] = learning_rate(epoch, args)
+    k = train_k(epoch, args)  # 1: the ELBO
     n_batches = len(x_train) // args.batch_size
     order = torch.randperm(len(x_train), device=x_train.device)[: n_batches * args.batch_size]
     stats = torch.zeros(n_batches, 3, device=x_train.device)
@@ -177,10 +181,10 @@ def train_epoch(model, opt, x_train, args, epoch):
     for i, idx in enumerate(order.split(args.batch_size)):
         x = to_float(x_train[idx], args.binarize)  # (B, 1, 28, 28) in [0, 1]
         beta = kl_weight((epoch - 1) * n_batches + i, n_batches, args)
-        if args.train_k == 1:
+        if k == 1:
             recon, kl, loss = neg_elbo(model, x, args.likelihood, beta)
         else:
-            recon, kl, loss = neg_iwae(model, x, args.likelihood, args.train_k, beta)
+            recon, kl, loss = neg_iwae(model, x, args.likelihood, k, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,6 +285,14 @@ def kl_weight(step, steps_per_epoch, args):
     to --beta over --kl-warmup epochs of steps (Bowman et al. 2016, sec. 3.1), then --beta."""
     warmup_steps = args.kl_warmup * steps_per_epoch
     return args.beta * min(1.0, step / warmup_steps) if warmup_steps else args.beta
+
+
+def train_k(epoch, args):
+    """K of the bound that `epoch` (1-based) trains on: --train-k in the last --train-k-epochs
+    epochs (in every epoch when 0), 1 (the ELBO) before them: the ELBO shapes the model, then
+    L_K fits the decoder to log p(x) (RESULTS.md: L_K in the first epochs gains nothing)."""
+    late = args.train_k_epochs == 0 or epoch > args.epochs - args.train_k_epochs
+    return args.train_k if late else 1
 
 
 def active_units(mu):
