@@ -222,6 +222,27 @@ def test_train_k_1_is_the_elbo_and_k_is_the_iwae_bound(module):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_train_k_epochs_counts_from_the_end(module):
+    def ks(*flags):
+        args = module.get_args(["--epochs", "5", "--train-k", "4", *flags])
+        return [module.train_k(epoch, args) for epoch in range(1, 6)]
+
+    assert ks("--train-k-epochs", "2") == [1, 1, 1, 4, 4]  # the ELBO, then L_4
+    assert ks("--train-k-epochs", "0") == ks("--train-k-epochs", "9") == [4] * 5
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_train_k_epochs_trains_on_the_elbo_first_then_on_l_k(module, data_dir, tmp_path):
+    """Up to the last --train-k-epochs epochs the run is the ELBO-trained one, step for step."""
+    flags = ("--epochs", "3", "--latent-dim", "4", "--train-k")
+    elbo = train(module, data_dir, tmp_path / "elbo", *flags, "1")["metrics"]
+    late = train(module, data_dir, tmp_path / "late", *flags, "3", "--train-k-epochs", "1")
+    late = late["metrics"]
+    assert [row["train_loss"] for row in late[:2]] == [row["train_loss"] for row in elbo[:2]]
+    assert late[2]["train_loss"] != elbo[2]["train_loss"]
+
+
 def test_train_k_runs_end_to_end(data_dir, tmp_path):
     result = train(vae_conv, data_dir, tmp_path, "--train-k", "3", "--latent-dim", "4")
     row = result["metrics"][0]

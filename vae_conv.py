@@ -7,7 +7,8 @@ In Python or a notebook: `result = vae_conv.main(["--epochs", "2"])` returns the
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2013), https://arxiv.org/abs/1312.6114
 The encoder gives q(z|x) = N(mu, diag(sigma^2)), the decoder p(x|z); training maximises
-the ELBO = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), reported as -ELBO in nats per image.
+the ELBO = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), reported as -ELBO in nats per image
+(--train-k K > 1: Burda et al.'s tighter K-sample bound L_K, https://arxiv.org/abs/1509.00519).
 """
 
 import math
