@@ -482,6 +482,7 @@ def final_numbers(out):
 
 
 RESUMABLE = ["--epochs", "3", "--batch-size", "16", "--binarize", "dynamic", "--iw-samples", "4"]
+RESUMABLE += ["--train-k", "2", "--train-k-epochs", "1"]  # epoch 3 on L_2: resumes cross the switch
 
 
 @pytest.fixture(scope="module")
