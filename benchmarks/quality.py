@@ -77,6 +77,13 @@ def main():
     p.add_argument(
         "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a seed whose run was stopped before its end from its checkpoint "
+        "(the script's --resume, which ends where an unstopped run ends) instead of "
+        "starting it over; its wall time then counts only the part after resuming",
+    )
     args, extra = p.parse_known_args()  # anything else goes to the script
 
     flags = [
@@ -110,7 +117,8 @@ def main():
         print("$", shlex.join(cmd), "(reused)" if done else "", flush=True)
         t0 = time.perf_counter()
         if not done:
-            subprocess.run(cmd, check=True)
+            resume = ["--resume"] if args.resume and os.path.exists(path) else []
+            subprocess.run(cmd + resume, check=True)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         wall = ckpt.get("bench_wall_s") or time.perf_counter() - t0
         if not done:
