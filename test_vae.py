@@ -1266,6 +1266,23 @@ def test_tf32_is_off(data_dir, tmp_path):
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
+def test_the_readme_results_are_the_benchmark_records():
+    """Each row of the README's Results table for a script is one record of benchmarks/RESULTS.md:
+    its mean ± sd numbers all stand in one "mean ± sd" row there (a number typed into the README
+    but never measured, or one from another run, fails)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(HERE, "benchmarks", "RESULTS.md")) as f:
+        records = [line for line in f if line.startswith("| mean ± sd |")]
+    table = readme[readme.index("## Results") : readme.index("The rows, in order:")]
+    rows = [line for line in table.splitlines() if line.startswith("| `vae_")]
+    assert len(rows) == 5, rows
+    for row in rows:
+        numbers = re.findall(r"\d+\.\d+ ± \d+\.\d+", row)
+        assert numbers, row
+        assert any(all(f"| {n} |" in record for n in numbers) for record in records), row
+
+
 def test_the_readme_flags_table_gives_the_defaults():
     """Each default in the README's Flags table is the script's own (a changed default that the
     README kept would mislead every reader of the table)."""
