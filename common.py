@@ -7,7 +7,9 @@
 """
 
 import argparse
+import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -17,6 +19,7 @@ import pickle
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +27,10 @@ import zlib
 
 import torch
 from torch import nn
+
+if sys.version_info < (3, 9):  # argparse.BooleanOptionalAction, hashlib's usedforsecurity
+    version = ".".join(map(str, sys.version_info[:3]))
+    raise SystemExit(f"error: vae_mlp.py and vae_conv.py need Python 3.9 or newer, not {version}")
 
 
 class UserError(Exception):
@@ -50,6 +57,14 @@ nonnegative_int = _number(int, lambda v: v >= 0, "0 or more")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
 seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
+
+
+def epochs_or_half(text):
+    """A number of epochs (0 or more), or 'half': half of --epochs, rounded down."""
+    return text if text == "half" else nonnegative_int(text)
+
+
+epochs_or_half.__name__ = "epochs"  # argparse names the type in its messages
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,6 +114,8 @@ def parse_args(parser, argv, script):
     argv = list(argv)
     args = parser.parse_args(argv)
     args.script = script
+    if args.out is None and args.checkpoint and (args.resume or args.eval_only or args.generate):
+        args.out = os.path.dirname(args.checkpoint) or "."  # the run it reads: its folder
     args.out = args.out or os.path.join("results", experiment_name(parser, args))
     args.checkpoint = args.checkpoint or os.path.join(args.out, "checkpoint.pt")
     # the flags typed (allow_abbrev=False: no prefixes), so that they win over a checkpoint's
@@ -125,13 +142,17 @@ def experiment_name(parser, args):
     return "-".join(words)
 
 
+WINDOWS = os.name == "nt"
+
+
 def command(args, *flags):
-    """The shell command that continues this run (with the paths and device typed now)."""
+    """The shell command that continues this run (with the paths and device typed now), quoted
+    for the shell of this platform: POSIX sh, or Windows' cmd.exe (which keeps '' quotes)."""
     words = ["python", f"{args.script}.py", *flags, "--out", args.out]
     for name in ("checkpoint", "data_dir", "device"):
         if name in args.explicit:
             words += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return shlex.join(words)
+    return subprocess.list2cmdline(words) if WINDOWS else shlex.join(words)
 
 
 # ----------------------------------------------------------------------------
@@ -169,11 +190,14 @@ def find_data(args):
         raise UserError(f"--data-dir {d} is a file; pass the folder that holds the four IDX files")
     raw = os.path.join(d, FOLDER[args.dataset], "raw")
     found = max((_present(raw), _present(d)), key=len)
+    why = "could not be downloaded"
     if not found:  # torchvision downloads, checks md5s and unpacks into <dir>/<name>/raw/
-        from torchvision import datasets
-
         try:
+            from torchvision import datasets
+
             getattr(datasets, FOLDER[args.dataset])(d, train=True, download=True)
+        except ImportError:
+            why = "torchvision, which would download it, is not installed"
         except Exception:
             pass
         found = _present(raw)
@@ -181,8 +205,8 @@ def find_data(args):
     missing = [n + ".gz" for n in every if n not in found]
     if not found:
         raise UserError(
-            f"{args.dataset} data not found in {raw}/ or {d}/ and could not be "
-            f"downloaded: put the four files ({', '.join(missing)}) in {raw}/, "
+            f"{args.dataset} data not found in {raw}/ or {d}/ and {why}: put "
+            f"the four files ({', '.join(missing)}) in {raw}/, "
             "gzipped or not, or pass --data-dir FOLDER holding them"
         )
     if missing:
@@ -307,6 +331,8 @@ def prepare_out(args):
             raise UserError(f"--checkpoint {args.checkpoint} is a folder; give a file path")
         folders.append(("--checkpoint", os.path.dirname(os.path.abspath(args.checkpoint))))
     for flag, folder in folders:
+        if os.path.isfile(folder):
+            raise UserError(f"{flag}: {folder} is a file; give a folder (it is made if need be)")
         try:
             os.makedirs(folder, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -316,21 +342,29 @@ def prepare_out(args):
 
 
 def clear_old_run(args):
-    """A new run removes the files of the run that was in --out (saying so), so that none is
-    left mixed with its own; called once it is sure to start, so a bad flag or file removes
-    nothing."""
-    names = [os.path.join(args.out, n) for n in RUN_FILES]
+    """A new run removes the files of the run that was in --out (saying so), its checkpoint
+    there too when this run keeps its own elsewhere, so that none is left mixed with its own;
+    called once it is sure to start, so a bad flag or file removes nothing."""
+    checkpoints = [args.checkpoint, os.path.join(args.out, "checkpoint.pt")]
+    names = [*checkpoints, *(os.path.join(args.out, n) for n in RUN_FILES)]
     if os.path.isdir(args.out):
         names += [os.path.join(args.out, n) for n in os.listdir(args.out)
                   if n.startswith("samples_epoch_") and n.endswith(".png")]  # fmt: skip
-    old = [p for p in [args.checkpoint, *names] if os.path.isfile(p)]
+    old = list({os.path.abspath(p): p for p in names if os.path.isfile(p)}.values())
     if not old:
         return
-    try:
-        epoch = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["epoch"]
-        what = f"a run at epoch {epoch} ({args.checkpoint}; --resume would have continued it)"
-    except Exception:  # no checkpoint, or not one of ours: the other files only
-        what = f"{len(old)} files of an earlier run"
+    what = f"{len(old)} files of an earlier run"
+    for path in (p for p in checkpoints if os.path.isfile(p)):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            epoch, epochs = ckpt["epoch"], ckpt["args"]["epochs"]
+        except Exception:  # not one of ours: the other files only
+            continue
+        then = "--resume would have continued it"
+        if epoch >= epochs:  # finished: only a longer run continues it
+            then = f"--resume --epochs N with N > {epoch} would have trained it further"
+        what = f"a run at epoch {epoch} of {epochs} ({path}; {then})"
+        break
     print(f"note: {args.out}/ held {what}; starting a new run in its place", file=sys.stderr)
     for path in old:
         try:
@@ -423,8 +457,14 @@ def save_latent(mu, y, path):
 
 
 def save_loss_curves(rows, steps, path):
+    _save_figure(loss_figure(rows, steps), path)
+
+
+def loss_figure(rows, steps):
     """-ELBO (left), recon and KL (right) in nats per image: training per step (smoothed over
-    a tenth of an epoch) as lines, the test set after each epoch as dots, on an axis in epochs."""
+    a tenth of an epoch) as lines, the test set after each epoch as dots, on an axis in epochs.
+    The y axis fits the run after its first epoch (the second half of a 1-epoch run): the first
+    steps, hundreds of nats above the rest, would squash it; a note says where they start."""
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax1, ax2) = _figure(10, 4, columns=2)
@@ -434,20 +474,38 @@ def save_loss_curves(rows, steps, path):
     x = (torch.arange(len(smooth)) + width) / per_epoch  # the epoch at each average's last step
     train = {"loss": smooth.sum(1), "recon": smooth[:, 0], "kl": smooth[:, 1]}
     epochs = [r["epoch"] for r in rows]
-    for ax, key, color, name in ((ax1, "loss", "C2", "-ELBO"), (ax2, "recon", "C0", "recon"),
-                                 (ax2, "kl", "C3", "KL")):  # fmt: skip
-        ax.plot(x, train[key], color=color, lw=1, label=f"train {name}")
-        ax.plot(epochs, [r[f"test_{key}"] for r in rows], "o", color=color, label=f"test {name}")
+    later = x > min(1.0, epochs[-1] / 2)  # what sets the y axis
+    if not later.any():  # too few steps for a curve after the first epoch: all of it
+        later[:] = True
+    for ax, keys in ((ax1, ("loss",)), (ax2, ("recon", "kl"))):
+        for key, color, name in (k for k in CURVES if k[0] in keys):
+            ax.plot(x, train[key], color=color, lw=1, label=f"train {name}")
+            test = [r[f"test_{key}"] for r in rows]
+            ax.plot(epochs, test, "o", color=color, label=f"test {name}")
+        test = [float(r[f"test_{k}"]) for r in rows for k in keys]
+        shown = torch.cat([*(train[k][later] for k in keys), torch.tensor(test)])
+        low, high = shown.min().item(), shown.max().item()
+        margin = 0.05 * (high - low) or 1.0
+        ax.set_ylim(low - margin, high + margin)
+        start = max(train[k][0].item() for k in keys)
+        if start > high + margin:  # the first steps are above the axis: say where they start
+            ax.annotate(f"starts at {start:.0f} (off the axis)", (0.01, 0.97), va="top",
+                        xycoords="axes fraction", fontsize=8)  # fmt: skip
     for ax, title in ((ax1, "total"), (ax2, "terms")):
         ax.set(xlabel="epoch", ylabel="nats per image", title=title, xlim=(0, epochs[-1]))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
-    _save_figure(fig, path)
+    return fig
+
+
+CURVES = (("loss", "C2", "-ELBO"), ("recon", "C0", "recon"), ("kl", "C3", "KL"))
 
 
 METRIC_FIELDS = [  # the columns of metrics.csv
-    "epoch", "lr", "kl_weight", "train_recon", "train_kl", "train_loss",
+    "epoch", "lr", "kl_weight",
+    "train_k",  # K of the bound the epoch trained on (1: the ELBO)
+    "train_recon", "train_kl", "train_loss",
     "test_recon", "test_kl", "test_loss", "test_active_units",
     "images_per_s",  # training images per second of the training steps
     "train_s", "test_s",  # seconds of the epoch's training steps, and of its test evaluation
@@ -483,17 +541,19 @@ class Saver:
         old = ckpt if self.saved else {}  # the loss curve and the GIF's frames of a resumed run
         self.steps, self.frames = old.get("steps", torch.zeros(0, 2)), list(old.get("frames", []))
         self.start, self.drawing_s, self.draw_cost = time.perf_counter(), 0.0, 2.0
+        self.held = contextlib.nullcontext  # StopOnSignal: signals wait for a checkpoint
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0  # when resumed
 
-    def add_row(self, stats, test, kl_weight, seconds):
+    def add_row(self, stats, test, schedule, seconds):
         """One epoch's row. stats: (batches, 3) per-image recon, KL, loss of each batch;
-        seconds: of the training steps and of the test evaluation."""
+        schedule: the KL weight at its last step and the K it trained on; seconds: of the
+        training steps and of the test evaluation."""
         recon, kl = stats[:, :2].mean(0).tolist()
         self.steps = torch.cat([self.steps, stats[:, :2].cpu()])  # recon, KL of every step
         train_s, test_s = seconds
         self.rows.append({
             "epoch": len(self.rows) + 1, "lr": self.opt.param_groups[0]["lr"],
-            "kl_weight": kl_weight,
+            "kl_weight": schedule["kl_weight"], "train_k": schedule["train_k"],
             "train_recon": recon, "train_kl": kl, "train_loss": recon + kl,
             **{f"test_{k}": v for k, v in test.items()},
             "images_per_s": len(stats) * self.args.batch_size / train_s,
@@ -544,8 +604,9 @@ class Saver:
             "final": final,  # {"iwae_nll": ..., "iw_samples": K} once the bound is computed
             "torch": str(torch.__version__),  # a plain str: TorchVersion is not
         }
-        atomic_write(a.checkpoint, lambda f: torch.save(state, f), durable=True)
-        self.saved = rows[-1]["epoch"]
+        with self.held():  # a signal now stops once the file is renamed and self.saved says so
+            atomic_write(a.checkpoint, lambda f: torch.save(state, f), durable=True)
+            self.saved = rows[-1]["epoch"]
 
     def rewind(self):
         """After an interrupt, what the checkpoint holds: the model of the last saved epoch and
@@ -633,6 +694,12 @@ def resume(args, ckpt, opt):
         group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
     opt.load_state_dict(state)
     print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
+    if args.epochs != ckpt["args"]["epochs"]:  # README: a longer run, resumed
+        print(
+            f"note: --epochs {args.epochs} where the checkpoint's run had "
+            f"{ckpt['args']['epochs']}: epochs {ckpt['epoch'] + 1}-{args.epochs} train as those "
+            f"of a new {args.epochs}-epoch run (its rate, KL weight and L_K epochs)"
+        )
     return list(ckpt["metrics"])
 
 
@@ -682,9 +749,10 @@ def speed_up(model, args, batch_size):
 
 
 def decodes_per_call(device, batch_size):
-    """How many z the IWAE bound decodes at once. CPU: 512, measured fastest (they fit the
-    cache). GPU: 8 training batches; decoding without gradients, that takes about as much
-    memory as two training steps, so the bound fits wherever training did."""
+    """How many images and z the IWAE bound encodes and decodes at once, whatever K. CPU: 512,
+    measured fastest (they fit the cache; at K = 10 the conv net's bound took 6.6 s where
+    calls of 6,553 z took 9.0, RESULTS.md). GPU: 8 training batches; without gradients, that
+    takes about as much memory as two training steps, so the bound fits wherever training did."""
     return 512 if device.type == "cpu" else 8 * batch_size
 
 
@@ -723,16 +791,24 @@ def epoch_line(r, epochs):
 
 
 def check_finite(losses, epoch, saver):
-    """Stop on a NaN/inf loss, naming its epoch and first bad batch, and what is on disk: one
-    check per epoch, the one place training waits for the device."""
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        b, a = bad[0].item(), saver.args
-        kept = f"{a.checkpoint} keeps epoch {saver.saved}" if saver.saved else "nothing was saved"
-        raise UserError(
-            f"the loss became {losses[b].item()} at epoch {epoch}, batch {b + 1}: "
-            f"training diverged; {kept}; try a lower --lr (now {a.lr:g})"
-        )
+    """Stop on a NaN/inf, naming its epoch and what is on disk. `losses`: the loss of each of
+    the epoch's batches, (batches,), computed before each step, so the first bad batch is named
+    (the one place training waits for the device); or the test loss after the epoch, a float,
+    which with the weights checks what the last step did, before anything is drawn or saved."""
+    if isinstance(losses, float):  # after the epoch: what its last step did
+        weights = torch.stack([torch.isfinite(p).all() for p in saver.model.parameters()])
+        if math.isfinite(losses) and weights.all():
+            return
+        what = f"the test loss became {losses} after epoch {epoch}'s last step"
+    else:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if not len(bad):
+            return
+        b = bad[0].item()
+        what = f"the loss became {losses[b].item()} at epoch {epoch}, batch {b + 1}"
+    a = saver.args
+    kept = f"{a.checkpoint} keeps epoch {saver.saved}" if saver.saved else "nothing was saved"
+    raise UserError(f"{what}: training diverged; {kept}; try a lower --lr (now {a.lr:g})")
 
 
 class Progress:
@@ -763,16 +839,34 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM stops at once. Every finished epoch is already in the
-    checkpoint: say which, print the command that resumes, and set exit_code 130 (143)."""
+    """Ctrl-C (SIGINT) or SIGTERM stops at once, but for the writing of a checkpoint, which
+    finishes first (saver.held). Every finished epoch is then in the checkpoint: say which,
+    print the command that resumes, and set exit_code 130 (143)."""
 
     def __init__(self, args, saver):
         self.args, self.saver, self.exit_code, self.previous = args, saver, 0, {}
+        self.holding, self.pending = False, None
 
     def _raise(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+            return
         raise Interrupted(signum)
 
+    @contextlib.contextmanager
+    def hold(self):
+        """A signal in the block stops once the block is done, so the epoch that the message
+        names is the one on disk."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise Interrupted(self.pending)
+
     def __enter__(self):
+        self.saver.held = self.hold
         try:
             for s in (signal.SIGINT, signal.SIGTERM):
                 self.previous[s] = signal.signal(s, self._raise)
@@ -781,6 +875,7 @@ class StopOnSignal:
         return self
 
     def __exit__(self, kind, exc, tb):
+        self.saver.held = contextlib.nullcontext
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         if not isinstance(exc, KeyboardInterrupt):
@@ -819,6 +914,29 @@ def out_of_memory(e, argv):
     size = f" (tried to allocate {size})" if size else ""
     typed = [f for f in MEMORY_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
     return f"out of memory{size}: lower {' or '.join(typed or ['--batch-size'])}"
+
+
+def keeps_global_state(main):
+    """main(argv) leaves a notebook's torch as it found it: the global random generators
+    (each epoch seeds them) and cuDNN's TF32 flag (get_device turns it off) are restored."""
+
+    @functools.wraps(main)
+    def wrapper(argv=()):
+        rngs = [(torch.get_rng_state, torch.set_rng_state)]
+        if torch.cuda.is_available():
+            rngs.append((torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+        if torch.backends.mps.is_available():
+            rngs.append((torch.mps.get_rng_state, torch.mps.set_rng_state))
+        saved = [(get(), put) for get, put in rngs]
+        tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            return main(argv)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+            for state, put in saved:
+                put(state)
+
+    return wrapper
 
 
 def run(main, argv):

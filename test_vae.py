@@ -8,7 +8,10 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
+import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import sys
 import pytest
 import torch
 from matplotlib.image import imread
+from torch import nn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import common
@@ -135,6 +139,50 @@ def test_log_normal_matches_torch_distributions(module):
     torch.testing.assert_close(module.log_normal(z, mu, logvar), expected)
 
 
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_reparameterize_draws_z_from_q(module):
+    """z = mu + sigma * eps with sigma = exp(logvar / 2): its moments are q's."""
+    mu, logvar = torch.tensor([[0.5, -2.0, 3.0]]), torch.tensor([[0.0, 2.0, -4.0]])
+    torch.manual_seed(0)
+    z = module.reparameterize(mu.expand(200_000, 3), logvar.expand(200_000, 3))
+    q = Normal(mu[0], torch.exp(0.5 * logvar[0]))  # sd 1, e and e^-2
+    torch.testing.assert_close(z.mean(0), q.mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), q.stddev, atol=0, rtol=0.01)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    eps = torch.randn(mu.shape, generator=g())
+    torch.testing.assert_close(module.reparameterize(mu, logvar, g()), q.mean + q.stddev * eps)
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_dynamic_binarization_draws_each_pixel_with_its_grey_level(module):
+    x_u8 = torch.tensor([0, 51, 128, 204, 255], dtype=torch.uint8).repeat(40_000, 1)
+    torch.manual_seed(0)
+    x = module.to_float(x_u8, "dynamic")  # x ~ Bernoulli(pixel / 255)
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    expected = torch.tensor([0, 51, 128, 204, 255]) / 255
+    torch.testing.assert_close(x.mean(0), expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_evaluate_is_the_elbo_of_each_test_image_by_hand(module):
+    torch.manual_seed(0)
+    model = module.VAE(latent_dim=3).eval()
+    x_u8 = (torch.rand(30, 1, 28, 28) * 255).to(torch.uint8)
+    test, mu_all = module.evaluate(model, x_u8, module.get_args([]))
+    x = x_u8.float() / 255
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        q = Normal(mu, torch.exp(0.5 * logvar))
+        z = mu + q.stddev * torch.randn(mu.shape, generator=torch.Generator().manual_seed(0))
+        p_x = Bernoulli(logits=model.decode(z), validate_args=False)  # grey x: cross-entropy
+        recon = -p_x.log_prob(x).flatten(1).sum(1)
+        kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1)
+    assert test["recon"] == pytest.approx(recon.mean().item(), rel=1e-5)
+    assert test["kl"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert test["loss"] == pytest.approx((recon + kl).mean().item(), rel=1e-5)
+    torch.testing.assert_close(mu_all, mu)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_gradients_reach_encoder_through_sampling(name):
     model = SCRIPTS[name].VAE()
@@ -207,19 +255,63 @@ def test_train_k_1_is_the_elbo_and_k_is_the_iwae_bound(module):
     torch.testing.assert_close(recon, by_hand)
 
     torch.manual_seed(2)
-    recon, kl, loss = module.neg_iwae(model, x, "bernoulli", 5)
+    recon, kl, loss = module.neg_iwae(model, x, "bernoulli", 5, beta=0.25)
     torch.manual_seed(2)
     mu, logvar = model.encode(x)
     sigma = torch.exp(0.5 * logvar)
     z = mu + sigma * torch.randn(5, *mu.shape)  # (K, B, D)
-    log_w = (
-        Bernoulli(logits=model.decode(z.flatten(0, 1))).log_prob(x.repeat(5, 1, 1, 1)).flatten(1)
-    ).sum(1).view(5, -1) + (Normal(0.0, 1.0).log_prob(z) - Normal(mu, sigma).log_prob(z)).sum(-1)
+    log_px_z = Bernoulli(logits=model.decode(z.flatten(0, 1))).log_prob(x.repeat(5, 1, 1, 1))
+    log_px_z = log_px_z.flatten(1).sum(1).view(5, -1)
+    log_pz_qz = (Normal(0.0, 1.0).log_prob(z) - Normal(mu, sigma).log_prob(z)).sum(-1)
+    log_w = log_px_z + 0.25 * log_pz_qz  # beta on the prior's part of each weight, not on p(x|z)
     l_k = torch.logsumexp(log_w, 0) - math.log(5)
     torch.testing.assert_close(loss, -l_k.mean())
+    torch.testing.assert_close(recon, -log_px_z[0])
     assert loss.item() < module.neg_elbo(model, x, "bernoulli")[2].item() + 50  # same scale
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class HandMade(nn.Module):
+    """A VAE with a 1-D latent whose log p(x) a sum over a grid of z gives: logits a * z + b,
+    and q(z|x) = N(m, v) whatever x."""
+
+    def __init__(self, a, b, m, v):
+        super().__init__()
+        self.a, self.b, self.m, self.logvar = a, b, torch.tensor(m), torch.tensor(v).log()
+
+    def encode(self, x):
+        return self.m.expand(len(x), 1), self.logvar.expand(len(x), 1)
+
+    def decode(self, z):
+        return (z * self.a + self.b).view(-1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_iwae_bound_of_a_model_whose_log_px_is_known(module):
+    """log p(x) by brute force, log sum_z p(x|z) p(z) dz over 40,001 z: L_K (with its -log K)
+    reaches it, and L_1, with q four times as broad as the posterior, is below it by
+    KL(q || posterior) = (4 - 1 - log 4) / 2 = 0.807 nats."""
+    g = torch.Generator().manual_seed(0)
+    a, b = 0.3 * torch.randn(784, generator=g), torch.randn(784, generator=g)
+    x = (torch.rand(784, generator=g) < torch.sigmoid(b + 0.5 * a)).float()  # drawn at z = 0.5
+    z = torch.linspace(-10, 10, 40_001, dtype=torch.float64)
+    log_px_z = Bernoulli(logits=z[:, None] * a.double() + b.double()).log_prob(x.double()).sum(1)
+    log_joint = log_px_z + Normal(0.0, 1.0).log_prob(z)
+    log_px = (torch.logsumexp(log_joint, 0) + math.log(z[1] - z[0])).item()
+    post = torch.softmax(log_joint, 0)  # the exact posterior on the grid
+    m = (post * z).sum().item()
+    v = (post * (z - m) ** 2).sum().item()
+    x_u8 = (x.view(1, 1, 28, 28) * 255).to(torch.uint8).repeat(256, 1, 1, 1)
+    broad = HandMade(a, b, m, 4 * v)
+    assert module.iwae_nll(broad, x_u8, 1000, "bernoulli") == pytest.approx(-log_px, abs=0.02)
+    gap = module.iwae_nll(broad, x_u8, 1, "bernoulli") + log_px
+    assert gap == pytest.approx((4 - 1 - math.log(4)) / 2, abs=0.4)
+    # a decoder that ignores z and q = p(z): every weight is p(x), so L_K = log p(x) for any K
+    flat = HandMade(torch.zeros(784), b, 0.0, 1.0)
+    log_px = Bernoulli(logits=b).log_prob(x).sum().item()
+    for k in (1, 7, 100):
+        assert module.iwae_nll(flat, x_u8[:8], k, "bernoulli") == pytest.approx(-log_px, rel=1e-6)
 
 
 @pytest.mark.parametrize("module", SCRIPTS.values())
@@ -230,6 +322,30 @@ def test_train_k_epochs_counts_from_the_end(module):
 
     assert ks("--train-k-epochs", "2") == [1, 1, 1, 4, 4]  # the ELBO, then L_4
     assert ks("--train-k-epochs", "0") == ks("--train-k-epochs", "9") == [4] * 5
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_train_k_epochs_half_is_the_last_half_of_the_run(module):
+    def ks(epochs, *flags):
+        args = module.get_args(["--epochs", str(epochs), "--train-k", "2", *flags])
+        return [module.train_k(epoch, args) for epoch in range(1, epochs + 1)]
+
+    assert ks(20, "--train-k-epochs", "half") == ks(20, "--train-k-epochs", "10")
+    assert ks(20, "--train-k-epochs", "half") == [1] * 10 + [2] * 10
+    assert ks(5, "--train-k-epochs", "half") == [1, 1, 1, 2, 2]  # a short run: mostly the ELBO
+    assert ks(3, "--train-k-epochs", "half") == [1, 1, 2]
+    assert ks(1, "--train-k-epochs", "half") == [1]
+    assert ks(5, "--train-k-epochs", "4") == [1, 2, 2, 2, 2]  # typed: as documented
+
+
+def test_the_conv_default_is_the_run_the_results_table_measured():
+    """The Results table's conv rows trained on the ELBO for 10 epochs, then on L_2 for 10
+    (--train-k 2 --train-k-epochs 10 at 6279afb): the default 20-epoch run still does."""
+    args = vae_conv.get_args([])
+    assert (args.epochs, args.train_k, args.train_k_epochs) == (20, 2, "half")
+    assert [vae_conv.train_k(epoch, args) for epoch in range(1, 21)] == [1] * 10 + [2] * 10
+    folder = os.path.join("results", "vae_conv")  # the same experiment's folder as before
+    assert vae_conv.get_args(["--train-k-epochs", "half"]).out == args.out == folder
 
 
 @pytest.mark.parametrize("module", SCRIPTS.values())
@@ -592,6 +708,76 @@ def test_nan_loss_in_epoch_1_says_nothing_was_saved(data_dir, tmp_path, capsys):
     assert "keeps" not in err and not (tmp_path / "old" / "checkpoint.pt").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="no folder fsync (Windows)")
+def test_a_signal_while_the_checkpoint_is_made_durable_names_the_epoch_on_disk(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """A signal during the folder's fsync, after the rename: the file holds epoch 2 already,
+    and so do the message and what main returns."""
+    fsync, folders = os.fsync, []
+
+    def fsync_then_signal(fd):
+        fsync(fd)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # a durable write's last step
+            folders.append(fd)
+            if len(folders) == 2:  # epoch 2's checkpoint
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "fsync", fsync_then_signal)
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "3", "--iw-samples", "0"]
+    result = vae_mlp.main(argv)
+    assert result["exit_code"] == 130
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and "holds epoch 2; resume with" in capsys.readouterr().err
+    assert [r["epoch"] for r in result["metrics"]] == [1, 2]
+    assert result["test"]["loss"] == ckpt["metrics"][1]["test_loss"]
+    for name, value in result["model"].state_dict().items():
+        assert torch.equal(value, ckpt["model"][name]), name
+
+
+def test_a_diverged_last_step_is_caught_before_anything_is_drawn_or_saved(
+    data_dir, tmp_path, capsys
+):
+    """One step an epoch: the losses computed before each step never see what it did."""
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0"]
+    argv += ["--batch-size", str(N_TRAIN)]
+    code, err = exit_of(vae_mlp.main, [*argv, "--lr", "1e30"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "after epoch 1's last step: training diverged; nothing was saved" in err
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "latent.png").exists()
+    assert vae_mlp.main([*argv, "--epochs", "1"])["exit_code"] == 0
+    code, err = exit_of(vae_mlp.main, [*argv, "--resume", "--epochs", "3", "--lr", "1e30"], capsys)
+    assert code == 1 and f"after epoch 2's last step: training diverged; {tmp_path}" in err
+    assert "keeps epoch 1;" in err
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert vae_mlp.main([*argv, "--resume", "--epochs", "2", "--lr", "1e-3"])["exit_code"] == 0
+
+
+def test_a_longer_resumed_run_trains_as_the_longer_run(data_dir, tmp_path, capsys):
+    """README: after --epochs 2, --resume --epochs 6 trains epochs 3-6 as a new 6-epoch run
+    trains them: its rate, KL weight and L_K epochs; and says so in one line."""
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0", "--train-k", "2"]
+    argv += ["--train-k-epochs", "half", "--kl-warmup", "3", "--batch-size", "64"]
+    assert vae_mlp.main([*argv, "--epochs", "2"])["exit_code"] == 0
+    capsys.readouterr()
+    rows = vae_mlp.main([*argv, "--resume", "--epochs", "6"])["metrics"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--epochs 6" in line]
+    assert notes == [
+        "note: --epochs 6 where the checkpoint's run had 2: epochs 3-6 train as those of a new "
+        "6-epoch run (its rate, KL weight and L_K epochs)"
+    ]
+    six = vae_mlp.get_args([*argv, "--epochs", "6"])
+    two = vae_mlp.get_args([*argv, "--epochs", "2"])
+    runs = [(two, 1), (two, 2), *((six, epoch) for epoch in range(3, 7))]
+    assert [r["train_k"] for r in rows] == [vae_mlp.train_k(e, a) for a, e in runs]
+    assert [r["train_k"] for r in rows] == [1, 2, 1, 2, 2, 2]  # half of 2, then of 6
+    assert [r["lr"] for r in rows] == pytest.approx([vae_mlp.learning_rate(e, a) for a, e in runs])
+    kl_weights = [vae_mlp.kl_weight(e * 4 - 1, 4, a) for a, e in runs]  # at each last step
+    assert [r["kl_weight"] for r in rows] == pytest.approx(kl_weights)
+    assert [int(r["train_k"]) for r in read_metrics(tmp_path)] == [1, 2, 1, 2, 2, 2]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     common.atomic_write(path, lambda f: torch.save({"epoch": 1}, f), durable=True)
@@ -688,6 +874,7 @@ def bad_cases(tmp):
 
     blocker = f(tmp, "a-file")
     case("--out under a file", run_in(good, "--out", f(blocker, "out")), "--out")
+    case("--out is a file", run_in(good, "--out", blocker), f"--out: {blocker} is a file; give a")
     case("--checkpoint under a file", run_in(good, "--checkpoint", f(blocker, "c.pt")),
          "--checkpoint")  # fmt: skip
     case("a full disk: pictures", run_in(good, "--out", f(tmp, "full1")),
@@ -872,6 +1059,8 @@ def test_help_shows_each_scripts_defaults(capsys):
         vae_mlp.get_args(["--help"])
     out = capsys.readouterr().out
     assert "(default: 0.007)" in out and "--train-k K" in out
+    words = " ".join(out.split())  # --beta's help, unwrapped
+    assert "--train-k K > 1, of log p(z) - log q(z|x) inside L_K's logsumexp" in words
 
 
 # ----------------------------------------------------------------------------
@@ -936,12 +1125,16 @@ def test_the_bound_decodes_in_calls_sized_for_the_device(monkeypatch):
     for device in ("cuda", "mps"):  # a few training batches, whatever the test set or K
         assert common.decodes_per_call(torch.device(device), 128) == 8 * 128
         assert common.decodes_per_call(torch.device(device), 32) == 8 * 32
-    model, sizes = vae_mlp.VAE(latent_dim=3).eval(), []
-    decode = model.decode
+    model, sizes, encoded = vae_mlp.VAE(latent_dim=3).eval(), [], []
+    decode, encode = model.decode, model.encode
     monkeypatch.setattr(model, "decode", lambda z: sizes.append(len(z)) or decode(z))
+    monkeypatch.setattr(model, "encode", lambda x: encoded.append(len(x)) or encode(x))
     x_u8 = (torch.rand(40, 1, 28, 28) > 0.5).to(torch.uint8) * 255
-    vae_mlp.iwae_nll(model, x_u8, 1000, "bernoulli", max_decodes=300)
-    assert max(sizes) <= 300 and sum(sizes) == 40 * 1000
+    for k, max_decodes in ((1000, 300), (10, 16), (1, 16)):  # small K: many images per draw
+        sizes.clear(), encoded.clear()
+        vae_mlp.iwae_nll(model, x_u8, k, "bernoulli", max_decodes=max_decodes)
+        assert max(sizes) <= max_decodes and sum(sizes) == 40 * k, k
+        assert max(encoded) <= max_decodes and sum(encoded[1:]) == 40, k  # [0]: D, one image
 
 
 def test_runs_without_posix_only_calls(data_dir, tmp_path, monkeypatch):
@@ -1034,14 +1227,20 @@ def test_a_new_run_replaces_the_old_run_and_says_so(data_dir, tmp_path, capsys):
     assert code == 1 and sorted(os.listdir(tmp_path)) == before  # a failed start removes nothing
     train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")  # 1 epoch, latent 20
     err = capsys.readouterr().err.splitlines()
-    assert err == [
-        f"note: {tmp_path}/ held a run at epoch 3 ({tmp_path / 'checkpoint.pt'}; --resume would "
-        "have continued it); starting a new run in its place"
+    assert err == [  # a finished run: only a longer one would continue it
+        f"note: {tmp_path}/ held a run at epoch 3 of 3 ({tmp_path / 'checkpoint.pt'}; --resume "
+        "--epochs N with N > 3 would have trained it further); starting a new run in its place"
     ]
     left = sorted(os.listdir(tmp_path))
     assert "samples_epoch_02.png" not in left and "manifold.png" not in left, left
     assert "generated.png" not in left and len(read_metrics(tmp_path)) == 1
     assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    ckpt = load(tmp_path / "checkpoint.pt")
+    ckpt["args"]["epochs"] = 5  # as a 5-epoch run stopped after its first epoch leaves it
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
+    err = capsys.readouterr().err
+    assert "at epoch 1 of 5 (" in err and "; --resume would have continued it)" in err
 
 
 def test_metrics_columns_measure_what_they_say(data_dir, tmp_path):
@@ -1104,6 +1303,51 @@ def test_manifold_covers_the_test_means_with_its_values_on_the_axes():
     with torch.no_grad():  # row 0 is the top: z[1] = 4; its first column z[0] = -3
         corner = torch.sigmoid(model.decode(torch.tensor([[-3.0, 4.0]])))
     torch.testing.assert_close(images[:1], corner)
+
+
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_interpolations_and_reconstructions_by_hand(module):
+    torch.manual_seed(0)
+    model = module.VAE(latent_dim=5).eval()
+    x = torch.rand(6, 1, 28, 28)  # 3 pairs
+    pictures = module.grids(model, x, torch.randn(64, 5), torch.randn(50, 5))
+    with torch.no_grad():
+        mu = model.encode(x)[0]
+        mean = lambda z: torch.sigmoid(model.decode(z))  # noqa: E731
+        images, nrow = pictures["interpolation.png"]
+        assert nrow == 12
+        rows = images.view(3, 12, 1, 28, 28)
+        for r, (a, b) in enumerate(((0, 1), (2, 3), (4, 5))):  # x_a, 10 steps a -> b, x_b
+            assert torch.equal(rows[r, 0], x[a]) and torch.equal(rows[r, 11], x[b])
+            walk = torch.stack([mu[a] + j / 9 * (mu[b] - mu[a]) for j in range(10)])
+            torch.testing.assert_close(rows[r, 1:11], mean(walk))
+        images, nrow = pictures["reconstructions.png"]
+        assert nrow == 3  # test images above their reconstructions from the posterior mean
+        expected = torch.cat([x[:3], mean(mu[:3]), x[3:], mean(mu[3:])])
+        torch.testing.assert_close(images, expected)
+
+
+def test_the_sample_grids_decode_the_same_z_every_epoch(data_dir, tmp_path):
+    """samples.png and each frame of samples.gif: the fixed z ~ N(0, I) of --seed, decoded by
+    that epoch's model."""
+    argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0"]
+    argv += ["--latent-dim", "3", "--seed", "7"]
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(7))
+
+    def decoded(ckpt):
+        model = vae_mlp.VAE(**ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            return common.grid_pixels(torch.sigmoid(model.decode(z)), 8)
+
+    assert vae_mlp.main([*argv, "--epochs", "1"])["exit_code"] == 0
+    first = decoded(load(tmp_path / "checkpoint.pt"))
+    png = (imread(tmp_path / "samples.png") * 255).round()
+    assert (png == first).all()
+    assert vae_mlp.main([*argv, "--resume", "--epochs", "2"])["exit_code"] == 0
+    second = decoded(load(tmp_path / "checkpoint.pt"))
+    frames = gif_pixels(tmp_path / "samples.gif")
+    assert frames == [first.tobytes(), second.tobytes()]
 
 
 @pytest.mark.parametrize(
@@ -1257,6 +1501,104 @@ def test_the_scripts_are_twins_outside_the_model():
         return [line for line in text.splitlines() if not any(w in line for w in own)]
 
     assert shared("vae_mlp.py") == shared("vae_conv.py")
+
+
+def test_main_leaves_the_global_random_state_and_tf32_as_they_were(data_dir, tmp_path):
+    """A notebook's torch after main: its random generator where it was, TF32 as it set it."""
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
+    assert torch.backends.cudnn.allow_tf32 is True
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_checkpoint_named_without_out_writes_beside_it(data_dir, tmp_path, monkeypatch):
+    """--resume, --eval-only and --generate with --checkpoint X and no --out write into X's
+    folder, never into the default run's folder; a new run that keeps its checkpoint
+    elsewhere removes the old run's checkpoint from --out."""
+    monkeypatch.chdir(tmp_path)  # where results/vae_mlp/, the default --out, would be
+    first, beta = tmp_path / "first", tmp_path / "beta4"
+    train(vae_mlp, data_dir, first, "--iw-samples", "0")
+    train(vae_mlp, data_dir, beta, "--iw-samples", "0", "--beta", "4")
+    before, ckpt = read_metrics(first), str(beta / "checkpoint.pt")
+    argv = ["--data-dir", data_dir, "--checkpoint", ckpt, "--iw-samples", "0"]
+    assert vae_mlp.main([*argv, "--resume", "--epochs", "2"])["exit_code"] == 0
+    assert len(read_metrics(beta)) == 2 and read_metrics(first) == before
+    vae_mlp.main([*argv, "--eval-only"])
+    assert vae_mlp.main(["--checkpoint", ckpt, "--generate", "4"])["exit_code"] == 0
+    assert (beta / "generated.png").exists() and not (tmp_path / "results").exists()
+    elsewhere = tmp_path / "elsewhere.pt"
+    train(vae_mlp, data_dir, first, "--iw-samples", "0", "--checkpoint", str(elsewhere))
+    assert load(elsewhere)["epoch"] == 1 and not (first / "checkpoint.pt").exists()
+
+
+def test_printed_commands_are_quoted_for_the_platforms_shell(monkeypatch):
+    """cmd.exe keeps POSIX quotes as part of a path: on Windows, its own quoting."""
+    args = vae_mlp.get_args(["--out", "results\\vae mlp", "--data-dir", "C:\\data"])
+    words = ["python", "vae_mlp.py", "--resume", "--out", "results\\vae mlp"]
+    words += ["--data-dir", "C:\\data"]
+    monkeypatch.setattr(common, "WINDOWS", True)
+    line = 'python vae_mlp.py --resume --out "results\\vae mlp" --data-dir C:\\data'
+    assert common.command(args, "--resume") == line
+    monkeypatch.setattr(common, "WINDOWS", False)
+    assert shlex.split(common.command(args, "--resume")) == words
+
+
+def test_no_torchvision_and_no_data_is_one_line(tmp_path, monkeypatch):
+    """README: torchvision is needed only to download."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    args = vae_mlp.get_args(["--data-dir", str(tmp_path)])
+    with pytest.raises(common.UserError, match="torchvision, which would download it, is not"):
+        common.load_data(args, "cpu")
+    write_idx(tmp_path / "MNIST" / "raw")
+    assert len(common.load_data(args, "cpu")["test"][0]) == N_TEST  # files on disk: no need
+
+
+def test_a_script_copied_alone_or_beside_another_common_finds_its_own(tmp_path):
+    """Without common.py: one line that says so. With another module named common first on
+    sys.path (a PyPI package of that name, say): the common.py beside the script."""
+    alone, other = tmp_path / "alone", tmp_path / "other"
+    alone.mkdir(), other.mkdir()
+    shutil.copy(os.path.join(HERE, "vae_mlp.py"), alone)
+    run = [sys.executable, str(alone / "vae_mlp.py"), "--help"]
+    done = subprocess.run(run, capture_output=True, text=True, cwd=alone, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: vae_mlp.py needs common.py beside it in {alone}: copy it from the same "
+        "repository (it holds the data files, pictures and checkpoints)"
+    ]
+    (other / "common.py").write_text("raise ImportError('the other common')\n")
+    code = f"import sys; sys.path.append({HERE!r}); import vae_mlp; print(vae_mlp.common.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=other)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == os.path.join(HERE, "common.py")
+
+
+def test_an_older_python_is_told_in_one_line():
+    """README: Python 3.9 or newer; below it, one line (as if this were Python 3.8)."""
+    code = (
+        "import runpy, sys, torch; sys.version_info = (3, 8, 18, 'final', 0); "
+        f"sys.argv = ['vae_mlp.py', '--help']; runpy.run_path({vae_mlp.__file__!r}, "
+        "run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "error: vae_mlp.py and vae_conv.py need Python 3.9 or newer, not 3.8.18\n"
+
+
+def test_loss_png_shows_the_epochs_after_the_first():
+    """The first steps (hundreds of nats) are off the y axis, which fits the rest; a note on
+    each panel says where they start."""
+    recon = torch.cat([torch.linspace(540, 90, 10), torch.linspace(90, 80, 20)])  # 3 epochs
+    steps = torch.stack([recon, torch.full((30,), 20.0)], 1)  # per-step recon, KL
+    rows = [{"epoch": e, "test_recon": 75.0 - e, "test_kl": 20.0, "test_loss": 95.0 - e}
+            for e in (1, 2, 3)]  # fmt: skip
+    total, terms = common.loss_figure(rows, steps).axes
+    assert 110 <= total.get_ylim()[1] < 120 and total.get_ylim()[0] <= 92
+    assert 90 <= terms.get_ylim()[1] < 100 and terms.get_ylim()[0] <= 20
+    assert [t.get_text() for t in total.texts] == ["starts at 560 (off the axis)"]
+    assert [t.get_text() for t in terms.texts] == ["starts at 540 (off the axis)"]
 
 
 def test_tf32_is_off(data_dir, tmp_path):

@@ -12,6 +12,7 @@ the ELBO = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), reported as -ELBO in nats pe
 """
 
 import math
+import os
 import sys
 import time
 
@@ -19,7 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common  # plumbing only: data files, pictures, checkpoint files, device, progress, errors
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the common.py beside this file, not another module named common
+try:
+    import common  # plumbing only: data files, pictures, checkpoint files, device, progress, errors
+except ModuleNotFoundError as e:
+    if e.name != "common":
+        raise
+    raise SystemExit(
+        f"error: {os.path.basename(__file__)} needs common.py beside it in {HERE}: "
+        "copy it from the same repository (it holds the data files, pictures and checkpoints)"
+    ) from None
+finally:
+    sys.path.remove(HERE)
 
 # ----------------------------------------------------------------------------
 # Config: every setting that changes the math, with its default
@@ -49,14 +62,15 @@ def get_args(argv=()):
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help="p(x|z): Bernoulli on logits (BCE), or N(x_hat, 1) (MSE/2 + a constant)")
     g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
-                   help="weight of the KL term (1: the ELBO)")
+                   help="weight of the KL term (1: the ELBO); with --train-k K > 1, of "
+                        "log p(z) - log q(z|x) inside L_K's logsumexp")
     g.add_argument("--kl-warmup", type=common.nonnegative_int, default=0, metavar="EPOCHS",
                    help="the KL weight rises linearly from 0 to --beta over EPOCHS (0: off)")
     g.add_argument("--train-k", type=pos_int, default=2, metavar="K",
                    help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
-    g.add_argument("--train-k-epochs", type=common.nonnegative_int, default=10, metavar="EPOCHS",
-                   help="train on L_K in the last EPOCHS epochs only, on the ELBO before "
-                        "(0: in every epoch)")
+    g.add_argument("--train-k-epochs", type=common.epochs_or_half, default="half",
+                   metavar="EPOCHS", help="train on L_K in the last EPOCHS epochs only, on the "
+                   "ELBO before (0: in every epoch; half: the last --epochs // 2)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=64,
@@ -248,26 +262,30 @@ def iwae_nll(model, x_test, k, likelihood, max_decodes=512, progress=None):
 
         log p(x) >= L_K = log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
-    The noise of B = 2^16 / K images is drawn at once, (K, B, D); the decoder takes at most
-    `max_decodes` of those z per call and log sum_k w_k is a running logsumexp over the calls,
-    so `max_decodes` sets speed and memory, never the number. Memory: about max_decodes
-    images plus the noise, K * max(B, 1) * D floats (128 MB for one image at K = 10^6, D = 32).
-    Every tensor is float32 (Apple GPUs have no float64); the sum over images is a Python float.
+    The noise of B = 2^16 / K images is drawn at once, (K, B, D); the encoder and decoder
+    take at most `max_decodes` of those images and z per call (b images by c samples), and
+    log sum_k w_k is a running logsumexp over the calls, so `max_decodes` sets speed and
+    memory, never the number. Memory: about max_decodes images plus the noise, K * B * D
+    floats (128 MB for one image at K = 10^6, D = 32). Every tensor is float32 (Apple GPUs
+    have no float64); the sum over images is a Python float.
     """
     model.eval()
     g = torch.Generator(x_test.device).manual_seed(0)  # the same K, the same number
     batch = max(1, min(len(x_test), 2**16 // k))  # images whose noise is drawn together
-    chunk = max(1, max_decodes // batch)  # samples per decoder call
+    images = min(batch, max_decodes)  # images per call
+    chunk = max(1, max_decodes // images)  # samples per call
+    latent_dim = model.encode(to_float(x_test[:1]))[0].shape[1]
     total = 0.0
     for i, xb in enumerate(x_test.split(batch)):
-        x = to_float(xb)  # (B, 1, 28, 28)
-        mu, logvar = model.encode(x)  # (B, D)
-        eps = torch.randn((k, *mu.shape), generator=g, device=mu.device)  # (K, B, D)
-        lse = torch.full((len(x),), -math.inf, device=x.device)  # log sum_k w_k so far, (B,)
-        for e in eps.split(chunk):
-            log_w = sum(log_weights(model, x, mu, logvar, e, likelihood))  # (c, B)
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
-        total += (lse - math.log(k)).sum().item()  # sum over images of L_K
+        eps = torch.randn((k, len(xb), latent_dim), generator=g, device=xb.device)  # (K, B, D)
+        for xp, ep in zip(xb.split(images), eps.split(images, dim=1)):
+            x = to_float(xp)  # (b, 1, 28, 28)
+            mu, logvar = model.encode(x)  # (b, D)
+            lse = torch.full((len(x),), -math.inf, device=x.device)  # log sum_k w_k so far, (b,)
+            for e in ep.split(chunk):  # (c, b, D)
+                log_w = sum(log_weights(model, x, mu, logvar, e, likelihood))  # (c, b)
+                lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
+            total += (lse - math.log(k)).sum().item()  # sum over images of L_K
         if progress:  # a live line on a terminal
             progress.update(min((i + 1) * batch, len(x_test)))
     return -total / len(x_test)
@@ -290,10 +308,11 @@ def kl_weight(step, steps_per_epoch, args):
 
 def train_k(epoch, args):
     """K of the bound that `epoch` (1-based) trains on: --train-k in the last --train-k-epochs
-    epochs (in every epoch when 0), 1 (the ELBO) before them: the ELBO shapes the model, then
-    L_K fits the decoder to log p(x) (RESULTS.md: L_K in the first epochs gains nothing)."""
-    late = args.train_k_epochs == 0 or epoch > args.epochs - args.train_k_epochs
-    return args.train_k if late else 1
+    epochs (in every epoch when 0; half: the last --epochs // 2, so a short run trains mostly on
+    the ELBO), 1 (the ELBO) before them: the ELBO shapes the model, then L_K fits the decoder
+    to log p(x) (RESULTS.md: L_K in the first epochs gains nothing)."""
+    last = args.epochs // 2 if args.train_k_epochs == "half" else args.train_k_epochs
+    return args.train_k if args.train_k_epochs == 0 or epoch > args.epochs - last else 1
 
 
 def active_units(mu):
@@ -345,6 +364,7 @@ def grids(model, x, z, mu_test):
 # Main
 
 
+@common.keeps_global_state  # the random generators and TF32 flag, as a notebook had them
 def main(argv=()):
     """Train as the flags say (or only evaluate, or sample); returns the model and its metrics."""
     args = get_args(argv)
@@ -391,8 +411,10 @@ def main(argv=()):
             common.check_finite(stats[:, 2], epoch, saver)  # waits for the device, once
             t1 = time.perf_counter()
             result["test"], mu = evaluate(model, x_test, args)
+            common.check_finite(result["test"]["loss"], epoch, saver)  # and the last step's
             beta = kl_weight(epoch * len(stats) - 1, len(stats), args)  # at its last step
-            saver.add_row(stats, result["test"], beta, (t1 - t0, time.perf_counter() - t1))
+            schedule = {"kl_weight": beta, "train_k": train_k(epoch, args)}
+            saver.add_row(stats, result["test"], schedule, (t1 - t0, time.perf_counter() - t1))
             saver.epoch(grids(model, x_shown, z_fixed.to(device), mu), mu, y_test)  # and its line
         if k:
             bar = common.Progress(f"IWAE bound, K={k}", len(x_test))
