@@ -400,7 +400,7 @@ def main(argv=()):
             common.check_finite(stats[:, 2], epoch, saver)  # waits for the device, once
             t1 = time.perf_counter()
             result["test"], mu = evaluate(model, x_test, args)
-            common.check_finite(result["test"]["loss"], epoch, saver)  # and the last step's
+            common.check_finite(result["test"]["loss"], epoch, saver)  # and what the last step did
             beta = kl_weight(epoch * len(stats) - 1, len(stats), args)  # at its last step
             schedule = {"kl_weight": beta, "train_k": train_k(epoch, args)}
             saver.add_row(stats, result["test"], schedule, (t1 - t0, time.perf_counter() - t1))
