@@ -750,8 +750,8 @@ def speed_up(model, args, batch_size):
 
 def decodes_per_call(device, batch_size):
     """How many images and z the IWAE bound encodes and decodes at once, whatever K. CPU: 512,
-    measured fastest (they fit the cache; at K = 10 the conv net's bound took 6.6 s where
-    calls of 6,553 z took 9.0, RESULTS.md). GPU: 8 training batches; without gradients, that
+    measured fastest (they fit the cache; at K = 10 the conv net's bound took 7.6-8.3 s where
+    calls of 6,553 z took 11.8-11.9, RESULTS.md). GPU: 8 training batches; without gradients, that
     takes about as much memory as two training steps, so the bound fits wherever training did."""
     return 512 if device.type == "cpu" else 8 * batch_size
 
