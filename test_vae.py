@@ -671,6 +671,23 @@ def test_signal_to_training_process_then_resume(sig, code, data_dir, uninterrupt
     assert final_numbers(tmp_path) == final_numbers(uninterrupted)
 
 
+def test_the_command_prints_every_line_and_exits_with_mains_code(data_dir, tmp_path):
+    """`python vae_mlp.py` ends through common.exit_fast (no garbage collection at exit): what
+    it printed into a file (which Python buffers) is all there, and the exit code is main's."""
+    script = [sys.executable, os.path.join(HERE, "vae_mlp.py"), "--data-dir", data_dir]
+    argv = [*script, "--out", str(tmp_path / "run"), "--epochs", "1", "--iw-samples", "4"]
+    with open(tmp_path / "stdout.txt", "w") as f:
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "stdout.txt").read_text().splitlines()
+    assert lines[0].startswith("vae_mlp: ") and lines[1].startswith("epoch   1/1")
+    assert lines[-1].startswith("test  -log p(x) <=") and lines[-1].endswith("(IWAE bound, K=4)")
+    missing = [*script[:2], "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]
+    done = subprocess.run(missing, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
 def test_ctrl_c_in_the_final_bound_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):
     log_weights, calls = vae_mlp.log_weights, []
 
@@ -933,7 +950,7 @@ def bad_runs(data_dir, tmp_path_factory):
 
     # Each case is its own process, forked from a server that imported torch once (a fresh
     # interpreter per case would spend minutes importing it); it runs what `python vae_mlp.py`
-    # runs, sys.exit(common.run(main, argv)), with its stderr in a file. Windows has no fork
+    # runs, common.exit_fast(common.run(main, argv)), with its stderr in a file. Windows has no fork
     # server: there each case is a fresh interpreter (slower, the same checks).
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
@@ -981,7 +998,7 @@ def script_process(argv, limit, err_path):
             resource.setrlimit(resource.RLIMIT_AS, (now + size, now + size))
     torch.set_num_threads(1)
     sys.argv = ["vae_mlp.py", *argv]
-    sys.exit(common.run(vae_mlp.main, argv))
+    common.exit_fast(common.run(vae_mlp.main, argv))
 
 
 def pytest_generate_tests(metafunc):

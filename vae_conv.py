@@ -428,4 +428,4 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    sys.exit(common.run(main, sys.argv[1:]))
+    common.exit_fast(common.run(main, sys.argv[1:]))
