@@ -672,16 +672,24 @@ def test_signal_to_training_process_then_resume(sig, code, data_dir, uninterrupt
 
 
 def test_the_command_prints_every_line_and_exits_with_mains_code(data_dir, tmp_path):
-    """`python vae_mlp.py` ends through common.exit_fast (no garbage collection at exit): what
-    it printed into a file (which Python buffers) is all there, and the exit code is main's."""
+    """`python vae_mlp.py` ends through common.exit_fast: the objects alive are frozen (no
+    garbage collection at exit), yet an atexit handler still runs, what it printed into a file
+    (which Python buffers) is all there, and the exit code is main's."""
     script = [sys.executable, os.path.join(HERE, "vae_mlp.py"), "--data-dir", data_dir]
-    argv = [*script, "--out", str(tmp_path / "run"), "--epochs", "1", "--iw-samples", "4"]
+    argv = [*script[1:], "--out", str(tmp_path / "run"), "--epochs", "1", "--iw-samples", "4"]
+    at_exit = "lambda: print('at exit, frozen:', gc.get_freeze_count() > 0)"
+    wrapper = (  # `python vae_mlp.py ARGV` with an atexit handler, as a profiler would add one
+        f"import atexit, gc, runpy, sys; atexit.register({at_exit}); sys.argv = {argv!r}; "
+        f"runpy.run_path({argv[0]!r}, run_name='__main__')"
+    )
     with open(tmp_path / "stdout.txt", "w") as f:
-        done = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", wrapper], stdout=f, stderr=subprocess.PIPE,
+                              text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "stdout.txt").read_text().splitlines()
     assert lines[0].startswith("vae_mlp: ") and lines[1].startswith("epoch   1/1")
-    assert lines[-1].startswith("test  -log p(x) <=") and lines[-1].endswith("(IWAE bound, K=4)")
+    assert lines[-2].startswith("test  -log p(x) <=") and lines[-2].endswith("(IWAE bound, K=4)")
+    assert lines[-1] == "at exit, frozen: True"
     missing = [*script[:2], "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]
     done = subprocess.run(missing, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
@@ -1640,6 +1648,27 @@ def test_the_readme_results_are_the_benchmark_records():
         numbers = re.findall(r"\d+\.\d+ ± \d+\.\d+", row)
         assert numbers, row
         assert any(all(f"| {n} |" in record for n in numbers) for record in records), row
+
+
+def test_the_readme_speed_tables_are_the_benchmark_records():
+    """Each row of the README's CPU speed tables is one row that benchmarks/speed.py wrote into
+    benchmarks/RESULTS.md: the same script and every one of its numbers (a time typed into the
+    README, or kept from an older run, fails)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(HERE, "benchmarks", "RESULTS.md")) as f:
+        records = [line.split("|")[1:-1] for line in f if re.match(r"\| (mlp|conv) \|", line)]
+    section = readme[readme.index("## Speed") : readme.index("On a GPU")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == 6, rows  # time to quality: 2 per script; equal epochs: 1 per script
+    for row in rows:
+        case = re.search(r"vae_(mlp|conv)", row).group(1)
+        numbers = set(re.findall(r"\d+\.\d+", row))
+        assert numbers, row
+        assert any(
+            cells[0].strip() == case and numbers <= {c.strip().rstrip("x") for c in cells}
+            for cells in records
+        ), row
 
 
 def test_the_readme_flags_table_gives_the_defaults():
