@@ -53,8 +53,8 @@ ENDS = {  # how the full process of the last step ends
 }
 
 
-RUN = "code = common.run(vae_mlp.main, ['--epochs', '1', '--iw-samples', '0', '--data-dir', DATA, "
-RUN += "'--out', OUT])\n"
+FLAGS = "'--epochs', '1', '--iw-samples', '0', '--data-dir', DATA, '--out', OUT"
+RUN = f"code = common.run(vae_mlp.main, [{FLAGS}])\n"  # then it ends as ENDS says
 
 
 def program(upto, end, data_dir, out):

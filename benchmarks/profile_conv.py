@@ -14,7 +14,7 @@
 4. Variants of the same math, whole steps, alternating in rounds (median ms per step): the layout,
    one thread, the last transposed convolution without oneDNN.
 FLOPs are counted by torch.utils.flop_counter (convolutions and matrix products, forward and
-backward), checked against the count by hand from the layer shapes.
+backward) and printed beside the count by hand from the layer shapes, to compare.
 """
 
 import argparse
@@ -37,6 +37,7 @@ from speed import record  # noqa: E402
 import vae_conv  # noqa: E402
 
 B = 64  # the script's --batch-size
+STEPS = 60000 // B  # training steps per epoch (the last incomplete batch is dropped)
 
 
 def ms(fn, reps):
@@ -98,20 +99,19 @@ def layers_table(reps):
             y = layer(x).detach()
             flops = hand_flops(layer, x, y, first)
             times = {}
-            for layout in ("channels_last", "NCHW"):
+            for layout in ("channels_last", "NCHW"):  # NCHW last: the layer ends as it began
                 cl = layout == "channels_last" and x.dim() == 4
                 fmt = torch.channels_last if cl else torch.contiguous_format
-                lay = layer.to(memory_format=torch.channels_last) if cl else layer
+                layer.to(memory_format=fmt)  # in place; only 4-D weights change
                 xin = x.contiguous(memory_format=fmt).requires_grad_(not first)
-                grad = torch.randn_like(lay(xin))
+                grad = torch.randn_like(layer(xin))
 
-                def both(lay=lay, xin=xin, grad=grad):
-                    lay(xin).backward(grad)
+                def both(layer=layer, xin=xin, grad=grad):
+                    layer(xin).backward(grad)
 
                 with torch.no_grad():
-                    fwd = ms(lambda lay=lay, xin=xin: lay(xin), reps)
+                    fwd = ms(lambda layer=layer, xin=xin: layer(xin), reps)
                 times[layout] = (fwd, ms(both, reps))
-                layer.to(memory_format=torch.contiguous_format)
             if flops:
                 total = [total[0] + flops[0], total[1] + flops[1]]
             rows.append((f"{part}[{i}] {type(layer).__name__}", tuple(y.shape), flops, times))
@@ -245,7 +245,7 @@ def main():
         "",
         "| step (batch 64) | forward + loss ms | backward ms | Adam ms | whole step ms | "
         f"GFLOP (flop_counter) | floor at {gemm:.0f} GFLOP/s (GEMM) | floor at {best:.0f} "
-        "(best rate above) | s per epoch (937 steps) |",
+        f"(best rate above) | s per epoch ({STEPS} steps) |",
         "| --- " * 9 + "|",
     ]
     for k in (1, 2):
@@ -254,7 +254,7 @@ def main():
             f"| {'ELBO' if k == 1 else 'L_2'} | {parts['forward + loss']:.2f} | "
             f"{parts['backward']:.2f} | {parts['Adam (fused)']:.2f} | {parts['whole step']:.2f} "
             f"| {flop / 1e9:.2f} | {flop / gemm / 1e6:.2f} ms | {flop / best / 1e6:.2f} ms | "
-            f"{parts['whole step'] * 937 / 1e3:.1f} |"
+            f"{parts['whole step'] * STEPS / 1e3:.1f} |"
         )
     hand = fwd_flops + bwd_flops
     lines += [
