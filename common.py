@@ -60,12 +60,13 @@ nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "0 or 
 seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
 
 
-def epochs_or_half(text):
-    """A number of epochs (0 or more), or 'half': half of --epochs, rounded down."""
-    return text if text == "half" else nonnegative_int(text)
+def epochs_or_rule(text):
+    """A number of epochs (0 or more), or a rule that counts them from --epochs: 'half' or
+    'auto' (the scripts' train_k says what each means)."""
+    return text if text in ("half", "auto") else nonnegative_int(text)
 
 
-epochs_or_half.__name__ = "epochs"  # argparse names the type in its messages
+epochs_or_rule.__name__ = "epochs"  # argparse names the type in its messages
 
 
 class ArgumentParser(argparse.ArgumentParser):

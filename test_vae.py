@@ -338,14 +338,31 @@ def test_train_k_epochs_half_is_the_last_half_of_the_run(module):
     assert ks(5, "--train-k-epochs", "4") == [1, 2, 2, 2, 2]  # typed: as documented
 
 
+@pytest.mark.parametrize("module", SCRIPTS.values())
+def test_train_k_epochs_auto_is_every_epoch_after_the_10th(module):
+    def ks(epochs):
+        flags = ["--train-k", "2", "--train-k-epochs", "auto"]
+        args = module.get_args(["--epochs", str(epochs), *flags])
+        return [module.train_k(epoch, args) for epoch in range(1, epochs + 1)]
+
+    assert ks(20) == [1] * 10 + [2] * 10  # the same 20-epoch run as "half" and "10"
+    assert ks(30) == [1] * 10 + [2] * 20
+    assert ks(11) == [1] * 10 + [2]
+    assert ks(10) == [1] * 10
+    assert ks(5) == [1] * 5  # a short run: the ELBO alone
+    assert ks(1) == [1]
+    for epochs in (3, 5, 10, 15, 20):  # an epoch's bound is not the run's length's: so a
+        assert ks(epochs) == ks(30)[:epochs]  # resumed longer run never goes back to the ELBO
+
+
 def test_the_conv_default_is_the_run_the_results_table_measured():
     """The Results table's conv rows trained on the ELBO for 10 epochs, then on L_2 for 10
     (--train-k 2 --train-k-epochs 10 at 6279afb): the default 20-epoch run still does."""
     args = vae_conv.get_args([])
-    assert (args.epochs, args.train_k, args.train_k_epochs) == (20, 2, "half")
+    assert (args.epochs, args.train_k, args.train_k_epochs) == (20, 2, "auto")
     assert [vae_conv.train_k(epoch, args) for epoch in range(1, 21)] == [1] * 10 + [2] * 10
     folder = os.path.join("results", "vae_conv")  # the same experiment's folder as before
-    assert vae_conv.get_args(["--train-k-epochs", "half"]).out == args.out == folder
+    assert vae_conv.get_args(["--train-k-epochs", "auto"]).out == args.out == folder
 
 
 @pytest.mark.parametrize("module", SCRIPTS.values())

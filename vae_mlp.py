@@ -67,9 +67,10 @@ def get_args(argv=()):
                    help="the KL weight rises linearly from 0 to --beta over EPOCHS (0: off)")
     g.add_argument("--train-k", type=pos_int, default=1, metavar="K",
                    help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
-    g.add_argument("--train-k-epochs", type=common.epochs_or_half, default=0,
+    g.add_argument("--train-k-epochs", type=common.epochs_or_rule, default=0,
                    metavar="EPOCHS", help="train on L_K in the last EPOCHS epochs only, on the "
-                   "ELBO before (0: in every epoch; half: the last --epochs // 2)")
+                   "ELBO before (0: in every epoch; half: the last --epochs // 2; auto: those "
+                   "after the 10th, so 10 of 20 and none of a run of 10 or fewer)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=128,
@@ -297,11 +298,13 @@ def kl_weight(step, steps_per_epoch, args):
 
 def train_k(epoch, args):
     """K of the bound that `epoch` (1-based) trains on: --train-k in the last --train-k-epochs
-    epochs (in every epoch when 0; half: the last --epochs // 2, so a short run trains mostly on
-    the ELBO), 1 (the ELBO) before them: the ELBO shapes the model, then L_K fits the decoder
-    to log p(x) (RESULTS.md: L_K in the first epochs gains nothing)."""
-    last = args.epochs // 2 if args.train_k_epochs == "half" else args.train_k_epochs
-    return args.train_k if args.train_k_epochs == 0 or epoch > args.epochs - last else 1
+    epochs (in every epoch when 0; half: the last --epochs // 2; auto: every epoch after the
+    10th, whatever --epochs, so a run of 10 or fewer trains on the ELBO alone and a resumed
+    longer run never goes back to it), 1 (the ELBO) before them: the ELBO shapes the model,
+    then L_K fits the decoder to log p(x) (RESULTS.md: L_K in the first epochs gains nothing)."""
+    rule = args.train_k_epochs
+    last = {"half": args.epochs // 2, "auto": args.epochs - 10}.get(rule, rule)
+    return args.train_k if rule == 0 or epoch > args.epochs - last else 1
 
 
 def active_units(mu):
