@@ -1489,24 +1489,34 @@ def test_gpu_check_runs_on_a_cpu_and_reports_every_case(data_dir, tmp_path):
     report = tmp_path / "report.md"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "gpu_check.py"), "--device", "cpu",
            "--data-dir", data_dir, "--scratch", str(tmp_path / "scratch"), "--report",
-           str(report), "--scripts", "vae_mlp", "--epochs", "1", "--cases", "default"]  # fmt: skip
+           str(report), "--scripts", "vae_mlp", "--epochs", "1", "--cases", "default",
+           "quality"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     text = report.read_text()
     assert text in done.stdout  # the same section on stdout
     sections = ("1. The default commands", "2. The bound at K=1000", "3. Numerical check")
-    for part in ("### GPU check: CPU only", "torch ", "Python ", *sections, "4. Evidence"):
+    sections += ("4. Evidence", "5. Time to the tutorial's test -ELBO")
+    for part in ("### GPU check: CPU only", "torch ", "Python ", *sections):
         assert part in text
     rows = []  # the cells after the script's name, table by table
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if "vae_mlp" in cells:
             rows.append(cells[cells.index("vae_mlp") + 1 :])
-    assert len(rows) == 3 + 6  # default, bound, check; the 6 training runs of section 4
+    assert len(rows) == 3 + 6 + 1  # default, bound, check; the 6 training runs of 4; quality
     default = rows[0]
     assert all(float(v.split(" ")[0]) >= 0 for v in default) and "(K=10)" in default[-1]
     assert rows[1][0] == rows[2][0] == "skipped: not in --cases"
-    assert [r[0] for r in rows[3:]].count("skipped: not in --cases") == 5  # all but the default
+    assert [r[0] for r in rows[3:9]].count("skipped: not in --cases") == 5  # all but the default
+    # 5: the tutorial's 1 epoch; ours, the shortest --epochs N of at most 1, is the default run
+    target, epochs, tutorial_s, n, ours_s, elbo, speedup, where = rows[9]
+    assert (epochs, n, ours_s, elbo) == ("1", "1", default[0], default[-2])
+    tutorial_s, ours_s = float(tutorial_s), float(ours_s)  # each rounded to 0.1 s
+    low, high = (tutorial_s - 0.05) / (ours_s + 0.05), (tutorial_s + 0.05) / (ours_s - 0.05)
+    assert low - 0.005 <= float(speedup) <= high + 0.005
+    assert where.startswith("1 (") if float(elbo) <= float(target) else where == "—"
+    assert 0 < float(target) < 784 * math.log(2)  # below a model that says 0.5 for each pixel
 
 
 # ----------------------------------------------------------------------------
@@ -1665,6 +1675,23 @@ def test_the_readme_results_are_the_benchmark_records():
         numbers = re.findall(r"\d+\.\d+ ± \d+\.\d+", row)
         assert numbers, row
         assert any(all(f"| {n} |" in record for n in numbers) for record in records), row
+
+
+def test_the_speed_benchmark_finds_the_shortest_run(monkeypatch):
+    """speed.py --quality and gpu_check.py's quality case: from any first guess, the search
+    ends at the fewest epochs whose run ends at or below the target (at the longest run if none
+    does), as a scan of every length finds it where a longer run never ends worse."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "benchmarks"))
+    from speed import shortest
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ends = (torch.rand(20, generator=gen) * 10).sort(descending=True).values.tolist()
+        target = torch.rand(1, generator=gen).item() * 12 - 1  # sometimes below every end
+        scan = next((n for n in range(1, 21) if ends[n - 1] <= target), 20)
+        final = dict(zip(range(1, 21), ends)).__getitem__  # a run of n epochs ends at ends[n - 1]
+        for guess in (None, *range(1, 21)):
+            assert shortest(target, guess, final) == scan
 
 
 def test_the_readme_speed_tables_are_the_benchmark_records():

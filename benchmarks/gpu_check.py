@@ -35,6 +35,12 @@ The cases, in order of priority, each for vae_mlp.py then vae_conv.py:
   batch-256  --batch-size 256 / 512 (the scripts' defaults are 64 and 128)
   batch-512
   compile    --compile (last: it compiles for tens of seconds)
+  quality    time to the tutorial's test -ELBO (speed.py --quality, one repetition, on the
+             device; only when named in --cases, as its own command: the tutorial loop trains
+             --epochs epochs first). For the tutorial's test -ELBO after --epochs and after 5
+             epochs: the tutorial's time to that epoch (launch to its line, plus its exit), and
+             the shortest `python SCRIPT.py --epochs N` that ends at or below it (searched from
+             the epoch where the default run crosses it, as speed.py does), launch to exit
 
 Each run is its own process, `python -c WRAPPER TF32 SCRIPT.py FLAGS`: WRAPPER sets TF32 as the
 case asks, runs the script as `python SCRIPT.py FLAGS` would (runpy), and at exit prints the
@@ -67,11 +73,13 @@ STARTED = time.perf_counter()  # the budget counts from here, torch's import inc
 
 import torch  # noqa: E402
 from quality import machine  # noqa: E402
+from speed import shortest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = ("vae_mlp", "vae_conv")
 CASES = ("default", "bound", "check", "tf32-off", "tf32-on", "batch-256", "batch-512", "compile")
+CASES += ("quality",)  # only when named in --cases
 RUNS = {  # the cases that train at --epochs: TF32 setting, extra flags, label in the report
     "default": ("default", [], "the scripts' defaults"),
     "tf32-off": ("off", [], "TF32 off (matmul and cuDNN)"),
@@ -348,6 +356,82 @@ def case_check(args, budget, results, script):
     return check
 
 
+class Stop(Exception):
+    """A run of the quality case that did not end with a test -ELBO: why."""
+
+
+def case_quality(args, budget, results, script):
+    """Time to the tutorial's test -ELBO: its loop for --epochs, then the shortest --epochs N."""
+    base = results[("default", script)]
+    if not base.get("measured"):
+        return {"error": "skipped: no default run (the quality case needs it)"}
+    refused = budget.refuse(None)
+    if refused:
+        return {"error": refused}
+    case = script.removeprefix("vae_")
+    out = fresh(os.path.join(args.scratch, f"quality-{script}-tutorial"))
+    flags = ["--tutorial", case, "--epochs", str(args.epochs), "--data-dir", args.data_dir,
+             "--out", out, "--device", args.device]  # fmt: skip
+    tutorial = run_process("benchmarks/speed", flags, out + ".stderr.txt", budget.left())
+    stamps = [(t, line) for t, line in tutorial["lines"] if line.startswith("epoch ")]
+    result = {"runs": [tutorial], "rows": [], "measured": False}
+    if tutorial["error"] or len(stamps) < args.epochs:
+        why = tutorial["error"] or "failed: fewer epoch lines than --epochs"
+        result["error"] = f"{why} (the tutorial loop)"
+        return result
+    tests = [float(line.split()[-1]) for _, line in stamps]
+    at = [t + tutorial["wall"] - stamps[-1][0] for t, _ in stamps]  # its line, plus its exit
+    ours_tests = [float(r["test_loss"]) for r in read_metrics(base["out"])]
+    ours_at = [t for t, line in base["lines"] if line.startswith("epoch ")]
+    runs = {args.epochs: base}
+
+    def final(n):
+        if n not in runs:
+            refused = budget.refuse(estimate(base, n))
+            if refused:
+                raise Stop(f"{refused} (--epochs {n})")
+            out = fresh(os.path.join(args.scratch, f"quality-{script}-{n}"))
+            runs[n] = training_run(script, flags_for(args, n, out, args.device), out,
+                                   budget.left(), args.device)  # fmt: skip
+            result["runs"].append(runs[n])
+        if runs[n]["error"] or runs[n]["elbo"] is None:
+            raise Stop(f"{runs[n]['error'] or 'failed: no test -ELBO'} (--epochs {n})")
+        return runs[n]["elbo"]
+
+    for epochs in sorted({args.epochs, min(5, args.epochs)}, reverse=True):
+        target = tests[epochs - 1]
+        cross = next((e for e, t in enumerate(ours_tests, 1) if t <= target), None)
+        try:
+            n = shortest(target, cross, final, args.epochs)
+            final(n)
+        except Stop as e:
+            result["error"] = str(e)
+            break
+        crossed = (cross, ours_at[cross - 1]) if cross else (None, None)
+        result["rows"].append((target, epochs, at[epochs - 1], n, runs[n]["wall"],
+                               runs[n]["elbo"], crossed))  # fmt: skip
+    result["measured"] = bool(result["rows"])
+    result["wall"] = sum(r["wall"] for r in result["runs"] if r is not base)
+    return result
+
+
+def quality_lines(results, scripts):
+    titles = ["script", "tutorial's test -ELBO", "after its epochs", "tutorial s",
+              "ours: `--epochs N`", "ours s", "ours' test -ELBO", "speed-up",
+              "default run gets there at epoch (s)"]  # fmt: skip
+    lines = [row(*titles), row(*["---"] * len(titles))]
+    for script in scripts:
+        r = results.get(("quality", script), {"error": "not run yet"})
+        for target, epochs, tut, n, ours, elbo, (cross, at) in r.get("rows", []):
+            where = f"{cross} ({at:.0f})" if cross else "—"
+            speedup = f"{tut / ours:.2f}"
+            lines.append(row(script, f"{target:.2f}", epochs, f"{tut:.1f}", n, f"{ours:.1f}",
+                             f"{elbo:.2f}", speedup, where))  # fmt: skip
+        if r.get("error"):
+            lines.append(row(script, r["error"], *[""] * (len(titles) - 2)))
+    return lines
+
+
 # ----------------------------------------------------------------------------
 # The report
 
@@ -498,6 +582,17 @@ def render(args, info, results, budget, finished):
                   "anyway, to show that nothing breaks.", ""]  # fmt: skip
     keys = [((case, s), [label, s]) for case, (_, _, label) in RUNS.items() for s in scripts]
     lines += [*table(results, keys, ["case", "script"], GPU_DEFAULTS), ""]
+    lines += [
+        f"5. Time to the tutorial's test -ELBO (speed.py --quality, one repetition): the "
+        f"tutorial loop (speed.py --tutorial, on {device}) for {args.epochs} epochs; for its "
+        f"test -ELBO after {args.epochs} and after {min(5, args.epochs)} epochs, the shortest "
+        "`python SCRIPT.py --epochs N` that ends at or below it, launch to exit (N = "
+        f"{args.epochs}: the run of 1), and the tutorial's time to that epoch's line, plus its "
+        "exit.",
+        "",
+        *quality_lines(results, scripts),
+        "",
+    ]
     lines += ["What the runs printed on stderr (warnings and notes, each once):", ""]
     lines += [*(stderr_notes(results) or ["- nothing"]), ""]
     return "\n".join(lines)
@@ -536,8 +631,9 @@ def main():
                    help="the markdown section, rewritten after each run")  # fmt: skip
     p.add_argument("--scratch", default=os.path.join(ROOT, "results", "gpu_check"),
                    help="the runs' folders (each emptied first)")  # fmt: skip
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), metavar="CASE",
-                   help=f"a subset of {', '.join(CASES)} (e.g. no compile on a CPU)")  # fmt: skip
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:-1]),
+                   metavar="CASE", help=f"a subset of {', '.join(CASES)} (e.g. no compile on a "
+                   "CPU; quality only when named)")  # fmt: skip
     p.add_argument("--scripts", nargs="+", choices=SCRIPTS, default=list(SCRIPTS),
                    metavar="SCRIPT", help=f"a subset of {', '.join(SCRIPTS)}")  # fmt: skip
     args = p.parse_args()
@@ -567,6 +663,8 @@ def main():
                     result = case_bound(args, budget, results, script)
                 elif case == "check":
                     result = case_check(args, budget, results, script)
+                elif case == "quality":
+                    result = case_quality(args, budget, results, script)
                 else:
                     result = case_run(args, budget, results, case, script)
             except KeyboardInterrupt:  # Ctrl-C: the run is stopped, the report written

@@ -51,13 +51,15 @@ import vae_mlp  # noqa: E402
 SCRIPTS = {"mlp": vae_mlp, "conv": vae_conv}
 
 
-def tutorial(case, epochs, data_dir, out):
+def tutorial(case, epochs, data_dir, out, device="auto"):
     """The tutorial loop, in this process (run with --tutorial from main)."""
     import torch.nn.functional as F
     from torchvision import datasets, transforms
     from torchvision.utils import save_image
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     train_set = datasets.MNIST(data_dir, train=True, download=True, transform=transforms.ToTensor())
     test_set = datasets.MNIST(data_dir, train=False, transform=transforms.ToTensor())
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=128, shuffle=True)
@@ -91,10 +93,10 @@ def tutorial(case, epochs, data_dir, out):
               flush=True)  # fmt: skip
 
 
-def run_tutorial(case, epochs, data_dir, out):
+def run_tutorial(case, epochs, data_dir, out, device="auto"):
     """Its wall time, and each epoch's test loss and time from launch to its line."""
     cmd = [sys.executable, __file__, "--tutorial", case, "--epochs", str(epochs),
-           "--data-dir", data_dir, "--out", out]  # fmt: skip
+           "--data-dir", data_dir, "--out", out, "--device", device]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     stamps = [(time.perf_counter() - t0, line) for line in proc.stdout if line.startswith("epoch")]
@@ -104,11 +106,11 @@ def run_tutorial(case, epochs, data_dir, out):
             "at": [t + wall - stamps[-1][0] for t, _ in stamps]}  # fmt: skip
 
 
-def run_ours(case, epochs, data_dir, out):
+def run_ours(case, epochs, data_dir, out, device="auto"):
     """Launch the script's default command; time stamp its lines; split its time."""
     script = f"vae_{case}"
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--epochs", str(epochs),
-           "--data-dir", data_dir, "--out", out]  # fmt: skip
+           "--data-dir", data_dir, "--out", out, "--device", device]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     stamps = [(time.perf_counter() - t0, line) for line in proc.stdout]
@@ -144,17 +146,29 @@ def run_ours(case, epochs, data_dir, out):
     }
 
 
-def time_to_quality(case, reps, data_dir):
+def shortest(target, crossed, final, longest=20):
+    """The fewest epochs N of a run that ends at or below `target`: from `crossed`, the epoch
+    where the `longest`-epoch run passes it (None: never), up while a run of N epochs ends above
+    it, down while one of N - 1 still gets there. final(n): the test -ELBO a run of n ends at."""
+    n = crossed or longest
+    while n < longest and final(n) > target:  # not there: longer
+        n += 1
+    while n > 1 and final(n - 1) <= target:  # there: shorter
+        n -= 1
+    return n
+
+
+def time_to_quality(case, reps, data_dir, device="auto"):
     """The --quality rows of one script: [(target, tutorial epochs, tutorial s, N, ours s, where
     our default 20-epoch run crosses the target: (epoch, s))]."""
     scratch = os.path.join(ROOT, "results", "speed", f"quality-{case}")
-    tutorial = run_tutorial(case, 20, data_dir, scratch + "-tutorial")
-    default = run_ours(case, 20, data_dir, scratch + "-20")
+    tutorial = run_tutorial(case, 20, data_dir, scratch + "-tutorial", device)
+    default = run_ours(case, 20, data_dir, scratch + "-20", device)
     runs = {20: default}  # --epochs N: its run
 
     def ours(n):
         if n not in runs:
-            runs[n] = run_ours(case, n, data_dir, f"{scratch}-{n}")
+            runs[n] = run_ours(case, n, data_dir, f"{scratch}-{n}", device)
             print(f"{case} --epochs {n}: {runs[n]['test -ELBO']:.2f}", flush=True)
         return runs[n]
 
@@ -162,16 +176,13 @@ def time_to_quality(case, reps, data_dir):
     for epochs in (20, 5):
         target = tutorial["test"][epochs - 1]
         cross = next((e for e, t in enumerate(default["tests"], 1) if t <= target), None)
-        n = cross or 20
-        while n < 20 and ours(n)["test -ELBO"] > target:  # not there: longer
-            n += 1
-        while n > 1 and ours(n - 1)["test -ELBO"] <= target:  # there: shorter
-            n -= 1
+        n = shortest(target, cross, lambda n: ours(n)["test -ELBO"])
         times = {"tutorial": [tutorial["at"][epochs - 1]], "ours": [ours(n)["wall"]]}
         for _ in range(reps - 1):  # alternating, the same commands again
-            again = run_tutorial(case, epochs, data_dir, scratch + "-tutorial")
+            again = run_tutorial(case, epochs, data_dir, scratch + "-tutorial", device)
             times["tutorial"].append(again["wall"])
-            times["ours"].append(run_ours(case, n, data_dir, f"{scratch}-{n}")["wall"])
+            again = run_ours(case, n, data_dir, f"{scratch}-{n}", device)
+            times["ours"].append(again["wall"])
         tut, our = (statistics.median(times[k]) for k in ("tutorial", "ours"))
         where = (cross, default["at"][cross - 1]) if cross else (None, math.nan)
         rows.append((target, epochs, tut, n, our, ours(n)["test -ELBO"], where))
@@ -192,7 +203,7 @@ def quality_table(args):
     ]
     for case in args.cases:
         for target, epochs, tut, n, our, reached, (cross, at) in time_to_quality(
-            case, args.reps, args.data_dir
+            case, args.reps, args.data_dir, args.device
         ):
             lines.append(
                 f"| {case} | {target:.2f} | {epochs} | {tut:.1f} | {n} | {our:.1f} | "
@@ -210,6 +221,8 @@ def main():
     p.add_argument("--epochs", type=int, help="default: 20 for mlp, 5 for conv (20 on a GPU)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (the median is reported)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="of both loops (auto: cuda when there is one, else cpu)")  # fmt: skip
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--no-tutorial", action="store_true", help="time our script only")
     p.add_argument("--quality", action="store_true",
@@ -218,7 +231,7 @@ def main():
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tutorial:
-        return tutorial(args.tutorial, args.epochs, args.data_dir, args.out)
+        return tutorial(args.tutorial, args.epochs, args.data_dir, args.out, args.device)
 
     gpu = torch.cuda.is_available()
     if args.quality:
@@ -241,8 +254,9 @@ def main():
             out = os.path.join(ROOT, "results", "speed", f"{case}-{rep}")
             if not args.no_tutorial:
                 tutorial_out = out + "-tutorial"
-                runs["tutorial"].append(run_tutorial(case, epochs, args.data_dir, tutorial_out))
-            runs["ours"].append(run_ours(case, epochs, args.data_dir, out))
+                again = run_tutorial(case, epochs, args.data_dir, tutorial_out, args.device)
+                runs["tutorial"].append(again)
+            runs["ours"].append(run_ours(case, epochs, args.data_dir, out, args.device))
             print(f"{case} rep {rep + 1}: ours {runs['ours'][-1]['wall']:.1f} s", flush=True)
         med = {k: statistics.median(r[k] for r in runs["ours"]) for k in runs["ours"][0]}
         walls = [r["wall"] for r in runs["tutorial"]]
