@@ -73,7 +73,7 @@ STARTED = time.perf_counter()  # the budget counts from here, torch's import inc
 
 import torch  # noqa: E402
 from quality import machine  # noqa: E402
-from speed import shortest  # noqa: E402
+from speed import shortest, tutorial_epochs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -379,8 +379,7 @@ def case_quality(args, budget, results, script):
         why = tutorial["error"] or "failed: fewer epoch lines than --epochs"
         result["error"] = f"{why} (the tutorial loop)"
         return result
-    tests = [float(line.split()[-1]) for _, line in stamps]
-    at = [t + tutorial["wall"] - stamps[-1][0] for t, _ in stamps]  # its line, plus its exit
+    epochs_of = tutorial_epochs(stamps, tutorial["wall"])
     ours_tests = [float(r["test_loss"]) for r in read_metrics(base["out"])]
     ours_at = [t for t, line in base["lines"] if line.startswith("epoch ")]
     runs = {args.epochs: base}
@@ -399,19 +398,19 @@ def case_quality(args, budget, results, script):
         return runs[n]["elbo"]
 
     for epochs in sorted({args.epochs, min(5, args.epochs)}, reverse=True):
-        target = tests[epochs - 1]
+        target = epochs_of["test"][epochs - 1]
         cross = next((e for e, t in enumerate(ours_tests, 1) if t <= target), None)
         try:
             n = shortest(target, cross, final, args.epochs)
-            final(n)
+            final(n)  # the search may end at the default run without asking for its end
         except Stop as e:
             result["error"] = str(e)
             break
         crossed = (cross, ours_at[cross - 1]) if cross else (None, None)
-        result["rows"].append((target, epochs, at[epochs - 1], n, runs[n]["wall"],
-                               runs[n]["elbo"], crossed))  # fmt: skip
+        tut = epochs_of["at"][epochs - 1]
+        result["rows"].append((target, epochs, tut, n, runs[n]["wall"], runs[n]["elbo"], crossed))
     result["measured"] = bool(result["rows"])
-    result["wall"] = sum(r["wall"] for r in result["runs"] if r is not base)
+    result["wall"] = sum(r["wall"] for r in result["runs"])  # the default run is not among them
     return result
 
 
