@@ -130,7 +130,7 @@ def main():
                 "seed": seed,
                 "recon": last["test_recon"],
                 "kl": last["test_kl"],
-                "elbo": last["test_loss"],
+                "elbo": last["test_neg_elbo"],
                 "iwae": (ckpt["final"] or {}).get("iwae_nll", float("nan")),
                 "wall": wall,
             }
