@@ -385,7 +385,8 @@ def loss_figure(rows, steps):
     x = (torch.arange(len(smooth)) + width) / per_epoch  # the epoch at each average's last step
     train = {"neg_elbo": smooth.sum(1), "recon": smooth[:, 0], "kl": smooth[:, 1]}
     epochs = [r["epoch"] for r in rows]
-    later = x > min(1.0, epochs[-1] / 2) if x[-1] > min(1.0, epochs[-1] / 2) else x >= 0
+    later = x > min(1.0, epochs[-1] / 2)  # what sets the y axis: all of it if nothing is later
+    later = later if later.any() else x >= 0
     panels = (("total", ("neg_elbo", "C2", "-ELBO")), ("terms", ("recon", "C0"), ("kl", "C3")))
     for ax, (title, *curves) in zip(axes, panels):
         shown = []
@@ -425,11 +426,22 @@ class Saver:
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
         prepare_out(args, start=not args.resume)
-        self.rows = resume(args, ckpt, opt)  # one row per epoch done
-        old = ckpt if self.rows else {}  # the loss curve and the GIF's frames of a resumed run
-        self.steps, self.frames = old.get("steps", torch.zeros(0, 2)), list(old.get("frames", []))
+        old = ckpt if args.resume else {"metrics": [], "steps": torch.zeros(0, 2), "frames": []}
+        self.rows, self.steps, self.frames = list(old["metrics"]), old["steps"], list(old["frames"])
         self.start = self.drawn = time.perf_counter()
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0
+        if not args.resume:
+            return
+        for group in ckpt["optimizer"]["param_groups"]:  # fused or not as this device wants
+            group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
+        opt.load_state_dict(ckpt["optimizer"])
+        print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
+        if args.epochs != ckpt["args"]["epochs"]:  # README: a longer run, resumed
+            print(
+                f"note: --epochs {args.epochs} where the checkpoint's run had "
+                f"{ckpt['args']['epochs']}: epochs {ckpt['epoch'] + 1}-{args.epochs} train as "
+                f"those of a new {args.epochs}-epoch run (its rate, KL weight and L_K epochs)"
+            )
 
     def add_row(self, stats, test, train_k, kl_weight, seconds):
         """One epoch's row. stats: (batches, 3) per-image recon, KL, loss of each batch;
@@ -540,22 +552,6 @@ def load_checkpoint(args, model_flags):
     return ckpt
 
 
-def resume(args, ckpt, opt):
-    """The metrics so far (one row per epoch) and the optimizer's state; [] for a new run."""
-    if not args.resume:
-        return []
-    state = ckpt["optimizer"]
-    for group in state["param_groups"]:  # fused or not as this device wants, not as saved
-        group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
-    opt.load_state_dict(state)
-    print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
-    if args.epochs != ckpt["args"]["epochs"]:  # README: a longer run, resumed
-        print(f"note: --epochs {args.epochs} where the checkpoint's run had "
-              f"{ckpt['args']['epochs']}: epochs {ckpt['epoch'] + 1}-{args.epochs} train as those "
-              f"of a new {args.epochs}-epoch run (its rate, KL weight and L_K epochs)")  # fmt: skip
-    return list(ckpt["metrics"])
-
-
 # ----------------------------------------------------------------------------
 # 4. Running: device, progress, Ctrl-C, errors
 
@@ -578,18 +574,14 @@ def print_header(args, model, data):
         f"{args.binarize}, {args.likelihood} likelihood; writing to {args.out}/",
         flush=True,
     )
-    warn = lambda text: print(f"warning: {text}", file=sys.stderr)  # noqa: E731
-    if args.kl_warmup >= args.epochs:
-        warn(
-            f"--kl-warmup {args.kl_warmup} is not shorter than --epochs {args.epochs}: the KL "
-            f"weight stays below --beta {args.beta:g} for the whole run"
-        )
-    if "train_k" in args.explicit and args.train_k > 1 and args.train_k_after >= args.epochs:
-        warn(
-            f"--train-k {args.train_k} applies only after epoch {args.train_k_after} "
-            f"(--train-k-after), so this {args.epochs}-epoch run trains on the ELBO alone; "
-            f"--train-k-after 0 trains on L_{args.train_k} from the first epoch"
-        )
+    a = args
+    if a.kl_warmup >= a.epochs:
+        warning = f"--kl-warmup {a.kl_warmup} is not shorter than --epochs {a.epochs}: the KL"
+        print(f"warning: {warning} weight stays below --beta {a.beta:g}", file=sys.stderr)
+    if "train_k" in a.explicit and a.train_k > 1 and a.train_k_after >= a.epochs:
+        warning = f"--train-k {a.train_k} applies only after epoch {a.train_k_after} (--train-k-"
+        print(f"warning: {warning}after), so this {a.epochs}-epoch run trains on the ELBO alone",
+              file=sys.stderr)  # fmt: skip
 
 
 def fmt(m):
@@ -608,19 +600,15 @@ def epoch_line(r, epochs):
 
 def check_finite(losses, epoch, saver):
     """Stop on a NaN/inf, saying what is on disk and the command that goes on at half the rate.
-    `losses`: the loss of each of the epoch's batches, (batches,), so the first bad batch is
-    named (the one place training waits for the device); or the test loss after the epoch,
-    a float, which with the weights checks what its last step did."""
-    if isinstance(losses, float):
-        params = saver.model.parameters()
-        if math.isfinite(losses) and all(torch.isfinite(p).all() for p in params):
-            return
-        what = f"the test loss became {losses} after epoch {epoch}'s last step"
-    else:
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if not bad:
-            return
-        what = f"the loss became {losses[bad[0]].item()} at epoch {epoch}, batch {bad[0] + 1}"
+    `losses`: of the epoch's batches, (batches,), the first bad one named (the one place where
+    training waits for the device); or the test loss after the epoch, which sees its last step."""
+    values = torch.as_tensor(losses).view(-1).tolist()
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if not bad:
+        return
+    batch = not isinstance(losses, float)
+    where = f"at epoch {epoch}, batch {bad[0] + 1}" if batch else f"after epoch {epoch}'s last step"
+    what = f"the loss became {values[bad[0]]} {where}"
     a, saved = saver.args, len(saver.rows)  # every epoch before this one is on disk
     kept = f"{a.checkpoint} keeps epoch {saved}" if saved else "nothing was saved"
     go_on = command(a, *(["--resume"] if saved else []), "--lr", f"{a.lr / 2:g}")

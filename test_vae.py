@@ -1013,7 +1013,7 @@ def test_checkpoint_is_on_the_cpu_and_resume_picks_fused_adam_by_device(data_dir
             ckpt["optimizer"]["param_groups"][0]["fused"] = saved_fused
             model = vae_mlp.VAE()
             opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
-            common.resume(args, ckpt, opt)
+            common.Saver(args, vae_mlp.MODEL_FLAGS, model, opt, ckpt)  # resumes opt
             assert opt.param_groups[0]["fused"] is fused
             vae_mlp.neg_elbo(model, torch.rand(4, 1, 28, 28), "bernoulli")[2].backward()
             opt.step()  # the moved state works with the chosen Adam
