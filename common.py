@@ -30,8 +30,7 @@ class UserError(Exception):
     """A problem the user can fix (data, flags, files): reported in one line, exit code 1."""
 
 
-# ----------------------------------------------------------------------------
-# 1. Flags
+# ---- 1. Flags
 
 
 def _number(kind, test, words):
@@ -148,8 +147,7 @@ def command(args, *flags):
     return subprocess.list2cmdline(words) if WINDOWS else shlex.join(words)
 
 
-# ----------------------------------------------------------------------------
-# 2. Data files: one uint8 tensor per split, checked, moved to the device once
+# ---- 2. Data files: one uint8 tensor per split, checked, moved to the device once
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -227,8 +225,7 @@ def load_data(args, device):
     return data
 
 
-# ----------------------------------------------------------------------------
-# 3. Output files, each written to a temporary file and renamed: never half-written
+# ---- 3. Output files, each written to a temporary file and renamed: never half-written
 
 
 def atomic_write(path, write):
@@ -552,8 +549,7 @@ def load_checkpoint(args, model_flags):
     return ckpt
 
 
-# ----------------------------------------------------------------------------
-# 4. Running: device, progress, Ctrl-C, errors
+# ---- 4. Running: device, progress, Ctrl-C, errors
 
 
 def get_device(name):
@@ -638,10 +634,10 @@ class Progress:
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM stops at once. The checkpoint on disk holds every finished
     epoch (a write cut short leaves the one before): say which, print the command that goes
-    on, take the model back to it, and set exit_code 130 (143)."""
+    on, and leave in `result` what it holds and the exit code, 130 (143)."""
 
-    def __init__(self, saver):
-        self.saver, self.exit_code = saver, 0
+    def __init__(self, saver, result):
+        self.saver, self.result = saver, result
 
     def _raise(self, signum, frame):
         raise KeyboardInterrupt(signum)
@@ -654,8 +650,7 @@ class StopOnSignal:
         signal.signal(signal.SIGTERM, self.previous)
         if not isinstance(exc, KeyboardInterrupt):
             return False
-        self.exit_code = 143 if exc.args == (signal.SIGTERM,) else 130
-        a, path = self.saver.args, self.saver.args.checkpoint
+        a, rows, path = self.saver.args, self.saver.rows, self.saver.args.checkpoint
         ckpt = torch.load(path, weights_only=True) if os.path.isfile(path) else {"epoch": 0}
         epoch = ckpt["epoch"]
         if epoch == a.epochs:
@@ -667,7 +662,10 @@ class StopOnSignal:
         else:
             message = "stopped in epoch 1; nothing was saved"
         print(("\n" if sys.stdout.isatty() else "") + message, file=sys.stderr, flush=True)
-        del self.saver.rows[epoch:]
+        del rows[epoch:]
+        test = {k: rows[-1][f"test_{k}"] for k in TERMS} if rows else None
+        code = 143 if exc.args == (signal.SIGTERM,) else 130
+        self.result.update(model=self.saver.model if rows else None, test=test, exit_code=code)
         return True
 
 

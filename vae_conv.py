@@ -18,8 +18,7 @@ from torch import nn
 
 import common  # plumbing only: data files, pictures, checkpoint files, device, progress, errors
 
-# ----------------------------------------------------------------------------
-# Config: every setting that changes the math, with its default
+# ---- Config: every setting that changes the math, with its default
 
 SCRIPT = "vae_conv"
 MODEL_FLAGS = ("channels", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds the model
@@ -35,7 +34,7 @@ def get_args(argv=()):
     g.add_argument("--hidden-dim", type=pos_int, default=256, help="width of each FC layer")
     g.add_argument("--latent-dim", type=pos_int, default=32, help="dim of z (2 adds manifold.png)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")
+    g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="or clothes")
     g.add_argument("--data-dir", default="./data", help="holds MNIST/raw/ or the 4 IDX files")
     g.add_argument("--binarize", choices=["none", "dynamic"], default="none",
                    help="dynamic: x ~ Bernoulli(pixel) afresh every batch, the test set once")
@@ -67,13 +66,11 @@ def get_args(argv=()):
     return common.parse_args(p, argv, SCRIPT)
 
 
-# ----------------------------------------------------------------------------
-# Model
+# ---- Model
 
 
 class VAE(nn.Module):
-    """x (B, 1, 28, 28) -> 2 strided convs -> FC -> (mu, logvar); z -> FC -> 2 transposed
-    convs -> Bernoulli logits (B, 1, 28, 28)."""
+    """x (B, 1, 28, 28) -> 2 strided convs, FC -> (mu, logvar); z -> FC, 2 transposed convs."""
 
     def __init__(self, channels=32, hidden_dim=256, latent_dim=32):
         super().__init__()
@@ -112,8 +109,7 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-# ----------------------------------------------------------------------------
-# The basic VAE: the terms of the ELBO, per image, in nats
+# ---- The basic VAE: the terms of the ELBO, per image, in nats
 
 
 def reparameterize(mu, logvar, generator=None):
@@ -148,8 +144,7 @@ def neg_elbo(model, x, likelihood, beta=1.0):
     return recon, kl, (recon + beta * kl).mean()
 
 
-# ----------------------------------------------------------------------------
-# Training and evaluation
+# ---- Training and evaluation
 
 
 def to_float(x_uint8, binarize="none"):
@@ -162,8 +157,7 @@ def train_epoch(model, opt, x_train, args, epoch, progress=None):
     """Adam steps over the training set in a random order, the last incomplete batch dropped:
     per-image recon and KL and the loss of each batch, (batches, 3), left on the device."""
     model.train()
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(epoch, args)
+    opt.param_groups[0]["lr"] = learning_rate(epoch, args)  # the one group: every weight
     k = train_k(epoch, args)  # 1: the ELBO
     n_batches = len(x_train) // args.batch_size
     order = torch.randperm(len(x_train), device=x_train.device)[: n_batches * args.batch_size]
@@ -201,8 +195,7 @@ def evaluate(model, x_test, likelihood, batch_size=2000):
     return {"recon": recon, "kl": kl, "neg_elbo": recon + kl, "active_units": active_units(mu)}, mu
 
 
-# ----------------------------------------------------------------------------
-# Beyond the basic VAE: the importance-weighted bound, schedules, the pictures' arithmetic
+# ---- Beyond the basic VAE: the importance-weighted bound, schedules, the pictures' arithmetic
 
 
 def log_normal(z, mu, logvar):
@@ -310,8 +303,7 @@ def grids(model, x, z):
     }
 
 
-# ----------------------------------------------------------------------------
-# Main
+# ---- Main
 
 
 def main(argv=()):
@@ -329,7 +321,6 @@ def main(argv=()):
         z = torch.randn(args.generate, args.latent_dim, device=device)  # z ~ N(0, I)
         common.save_grid(torch.sigmoid(model.decode(z)).detach(), args.out, "generated.png")
         print(f"wrote {args.generate} samples to {args.out}/generated.png")
-    if args.generate and not args.eval_only:
         return result
     data = common.load_data(args, device)  # uint8 (N, 1, 28, 28) images on the device, labels
     (x_train, _), (x_test, y_test) = data["train"], data["test"]
@@ -354,7 +345,7 @@ def main(argv=()):
     saver = common.Saver(args, MODEL_FLAGS, model, opt, ckpt)  # metrics, pictures, checkpoint
     rows = result["metrics"] = saver.rows  # one per epoch done, the checkpoint's too
     common.print_header(args, model, data)
-    with common.StopOnSignal(saver) as stop:  # Ctrl-C: exit 130, resume later
+    with common.StopOnSignal(saver, result):  # Ctrl-C: what the checkpoint holds, exit code 130
         for epoch in range(len(rows) + 1, args.epochs + 1):
             # each epoch its own noise (data order, binarization, eps), so resuming needs no
             # saved RNG state; a seed below 2^32, all a CPU generator keeps
@@ -373,10 +364,6 @@ def main(argv=()):
         if args.iw_samples:
             result["iwae_nll"] = bound()
             saver.checkpoint(final={"iwae_nll": result["iwae_nll"], "iw_samples": args.iw_samples})
-    result["exit_code"] = stop.exit_code
-    if stop.exit_code:  # stopped: the model and metrics that the checkpoint holds
-        result["model"] = model if rows else None
-        result["test"] = {k: rows[-1][f"test_{k}"] for k in common.TERMS} if rows else None
     return result
 
 
