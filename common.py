@@ -248,8 +248,8 @@ RUN_FILES = ("samples.png", "samples.gif", "reconstructions.png", "interpolation
 
 
 def prepare_out(args, start=False):
-    """--out exists and is writable, before any work. With start (a new run, sure to start):
-    the files of the run that was there are removed, saying so, lest the two mix."""
+    """--out exists and is writable, before training. With start (a new run): the files of the
+    run that was there are removed, saying so, lest the two mix."""
     try:
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()

@@ -48,7 +48,7 @@ def get_args(argv=()):
     g.add_argument("--train-k", type=pos_int, default=2, metavar="K",
                    help="train on the K-sample importance-weighted bound L_K (1: the ELBO)")
     g.add_argument("--train-k-after", type=common.nonnegative_int, default=10, metavar="E",
-                   help="train on the ELBO in epochs 1..E, on L_K after them")
+                   help="train on the ELBO in epochs 1..E, on L_K after them (RESULTS.md)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=20, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=64,
@@ -180,8 +180,7 @@ def train_epoch(model, opt, x_train, args, epoch, progress=None):
 
 @torch.no_grad()
 def evaluate(model, x_test, likelihood, batch_size=2000):
-    """Test recon, KL and -ELBO per image (one z per image, from fixed noise) and the number
-    of active units; and the posterior means of the test images, (N, D)."""
+    """Test recon, KL, -ELBO per image (one z each, fixed noise), active units; the means (N, D)."""
     model.eval()
     g = torch.Generator(x_test.device).manual_seed(0)  # the same noise at every evaluation
     recon, kl, mus = 0.0, 0.0, []
@@ -228,9 +227,8 @@ def neg_iwae(model, x, likelihood, k, beta=1.0):
 @torch.no_grad()
 def iwae_nll(model, x_test, k, likelihood, max_decodes=512, progress=None):
     """-log p(x) per image <= -L_K, L_K = log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x)
-    (Burda et al. 2015, eq. 8). The noise of 2^16 / K images is drawn at once; the encoder and
-    decoder take at most `max_decodes` images and z per call, and log sum_k w_k is a running
-    logsumexp over the calls: `max_decodes` sets speed and memory, never the number."""
+    (Burda et al. 2015, eq. 8). At most `max_decodes` images and z per call, log sum_k w_k a
+    running logsumexp over the calls: `max_decodes` sets speed and memory, not the number."""
     model.eval()
     g = torch.Generator(x_test.device).manual_seed(0)  # the same K, the same number
     batch = max(1, min(len(x_test), 2**16 // k))  # images whose noise is drawn together
@@ -262,29 +260,25 @@ def learning_rate(epoch, args):
 
 
 def kl_weight(step, steps_per_epoch, args):
-    """The KL weight at step `step` (0-based) of the run: from 0 up to --beta over --kl-warmup
-    epochs (Bowman et al. 2016, sec. 3.1), then --beta."""
+    """At step `step` (0-based): from 0 to --beta over --kl-warmup epochs (Bowman et al. 2016)."""
     warmup_steps = args.kl_warmup * steps_per_epoch
     return args.beta * min(1.0, step / warmup_steps) if warmup_steps else args.beta
 
 
 def train_k(epoch, args):
-    """K of the bound that `epoch` (1-based) trains on: 1 (the ELBO) up to --train-k-after, then
-    --train-k (RESULTS.md: the ELBO shapes the model; L_K in the first epochs gains nothing)."""
+    """K of the bound that `epoch` (1-based) trains on: 1 up to --train-k-after, then --train-k."""
     return args.train_k if epoch > args.train_k_after else 1
 
 
 def active_units(mu):
-    """Latent dimensions in use, from the test set's posterior means (N, D): u is active when
-    Cov_x(E_q(z|x)[z_u]) > 0.01 (Burda et al. 2015, sec. 5.2)."""
+    """Dimensions in use: u is active if Cov_x(E_q(z|x)[z_u]) > 0.01 (Burda et al. 2015, 5.2)."""
     return int((mu.var(0, correction=0) > 0.01).sum())
 
 
 @torch.no_grad()
 def grids(model, x, z):
-    """The pictures of an epoch, each (N, 1, 28, 28) in [0, 1] with its row length: samples of
-    the fixed z ~ N(0, I), test images above their reconstructions, interpolations between
-    pairs of test images (common.py adds what each latent dimension does)."""
+    """The pictures of an epoch, (N, 1, 28, 28) in [0, 1] and a row length each: samples of the
+    fixed z ~ N(0, I), test images above their reconstructions, walks between pairs of them."""
     model.eval()
 
     def mean(z):  # E[x|z] = sigmoid(logits) under either likelihood
@@ -311,7 +305,6 @@ def main(argv=()):
     args = get_args(argv)
     device = common.get_device(args.device)
     ckpt = common.load_checkpoint(args, MODEL_FLAGS)  # None unless --resume/--eval-only/--generate
-    common.prepare_out(args)
     torch.manual_seed(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
     if ckpt:
@@ -347,8 +340,7 @@ def main(argv=()):
     common.print_header(args, model, data)
     with common.StopOnSignal(saver, result):  # Ctrl-C: what the checkpoint holds, exit code 130
         for epoch in range(len(rows) + 1, args.epochs + 1):
-            # each epoch its own noise (data order, binarization, eps), so resuming needs no
-            # saved RNG state; a seed below 2^32, all a CPU generator keeps
+            # each epoch its own noise: resuming needs no saved RNG state (a CPU keeps 32 bits)
             torch.manual_seed((args.seed * 1_000_003 + epoch) % 2**32)
             t0 = time.perf_counter()
             bar = common.Progress(f"epoch {epoch}/{args.epochs}", len(x_train) // args.batch_size)

@@ -10,28 +10,14 @@ On a CPU, as a smoke test of this script (DIR holds MNIST/raw/):
     python benchmarks/gpu_check.py --device cpu --epochs 1 --check-epochs 1 --bound-k 10 \
         --data-dir DIR --cases default bound check
 
-The cases, each for vae_mlp.py then vae_conv.py, each run its own process, launch to exit:
-  default  `python SCRIPT.py --epochs E`: wall, start-up, s/epoch, images/s, peak memory
-           (torch.cuda.max_memory_allocated; on a CPU peak RSS), test -ELBO, the final bound
-  bound    `python SCRIPT.py --eval-only --iw-samples K --out THAT` on the default run's folder
-  check    --check-epochs epochs, seed 1, on the device and on the CPU: the test -ELBO within 1
-           nat, every output file present (--device cpu: one run against itself, the default
-           run's if --check-epochs is --epochs)
-  quality  only when named: one repetition of `python benchmarks/speed.py --quality` on the
-           device, with speed.py's tutorial loop and search
-
-A case whose estimated time does not fit in what is left of --budget seconds is skipped; a run
-still going when the budget ends is killed. The markdown report is rewritten after every run
-and printed at the end. Exit code 1 if a run or the check failed, else 0.
+Each run is a process of its own, timed launch to exit, skipped if it does not fit in the
+budget, killed when that ends. Exit code 1 if a run or the check failed.
 """
 
 import argparse
 import csv
-import datetime
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,10 +32,9 @@ from quality import machine  # noqa: E402
 from speed import shortest, tutorial_epochs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS, CASES = ("vae_mlp", "vae_conv"), ("default", "bound", "check", "quality")
-OUTPUT_FILES = ("samples.png", "samples.gif", "reconstructions.png", "interpolation.png",
-                "traversal.png", "latent.png", "loss.png", "metrics.csv",
-                "checkpoint.pt")  # fmt: skip
+SCRIPTS = ("vae_mlp", "vae_conv")
+OUTPUTS = ("samples.png", "samples.gif", "reconstructions.png", "interpolation.png",
+           "traversal.png", "latent.png", "loss.png", "metrics.csv", "checkpoint.pt")  # fmt: skip
 TOLERANCE = 1.0  # nats of test -ELBO between the device and the CPU
 MIN_RUN_S = 10.0  # the least a run takes: a process that imports torch and loads MNIST
 WRAPPER = """\
@@ -70,82 +55,68 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 BOUND = re.compile(r"<= (\S+) nats per image \(IWAE bound, K=(\d+)\)")
+COLUMNS = {  # each case's table, after "script"
+    "default": "wall s | start-up s | s/epoch | images/s | peak MB | test -ELBO | bound s | bound",
+    "bound": "wall s | bound s | peak MB | test -ELBO | bound",
+    "check": "device -ELBO | CPU -ELBO | difference | verdict | output files | device s | CPU s",
+    "quality": "tutorial's test -ELBO | after its epochs | tutorial s | ours: `--epochs N` | "
+    "ours s | ours' test -ELBO | speed-up | default run gets there at epoch (s)",
+}
 
 
-def left(args):
-    return args.budget - (time.perf_counter() - STARTED)
+class Stop(Exception):
+    """Why a case ended early: skipped, stopped or failed."""
 
 
-def refuse(args, need):
-    """Why a run of about `need` s (None: not known) cannot start, or None if it fits."""
-    need = max(need or 0.0, MIN_RUN_S)
-    if need > left(args):
-        return f"skipped: budget (needs ~{need:.0f} s, {max(left(args), 0):.0f} s left)"
-    return None
-
-
-def estimate(base, share, bound_k=None):
-    """Seconds a run would take that does `share` of the default run's work after start-up
-    (or, with bound_k, its bound at that K), or None if the default run did not say."""
-    if base.get("startup") is None:
-        return None
-    if bound_k:  # the bound's time grows with K
-        return base["startup"] + (base["bound_s"] or 0.0) * bound_k / (base["k"] or 1)
-    return base["startup"] + (base["wall"] - base["startup"]) * share
-
-
-def run(args, path, flags, log):
-    """`python PATH FLAGS` through the wrapper, killed when the budget ends, its stderr in
-    `log`: wall, stdout lines with their seconds from launch, peak MB, bound line, error."""
-    t0, limit = time.perf_counter(), max(left(args), 0.0)
-    cmd = [sys.executable, "-c", WRAPPER, path, *flags]
-    with open(log, "w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+def run(args, path, flags, name, need=None):
+    """`python PATH FLAGS` via WRAPPER if about `need` s fit in the budget, killed when it ends,
+    stderr in SCRATCH/NAME.log: wall, stdout lines, peak MB, bound; Stop if it did not exit 0."""
+    limit, need = args.budget - (time.perf_counter() - STARTED), max(need or 0, MIN_RUN_S)
+    if need > limit:
+        raise Stop(f"skipped: budget ({name} needs ~{need:.0f} s, {max(limit, 0):.0f} s left)")
+    t0, cmd = time.perf_counter(), [sys.executable, "-c", WRAPPER, path, *flags]
+    with open(os.path.join(args.scratch, name + ".log"), "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         timer = threading.Timer(limit, proc.kill)
         timer.start()
         lines = [(time.perf_counter() - t0, line.rstrip("\n")) for line in proc.stdout]
         code, wall = proc.wait(), time.perf_counter() - t0
         timer.cancel()
         err.seek(0)
-        stderr = err.read().splitlines()
-    peak = [int(s.split()[1]) for s in stderr if s.startswith("PEAK_BYTES ")]
-    said = [s.strip() for s in stderr if s.strip() and not s.startswith("PEAK_BYTES ")]
-    r = {"wall": wall, "lines": lines, "error": None, "memory": peak[0] / 2**20 if peak else None}
-    if code and wall >= limit:
-        r["error"] = f"stopped: budget (killed after {wall:.0f} s)"
-    elif code:
-        r["error"] = f"failed: exit {code}: {said[-1] if said else 'nothing on stderr'}"
+        said = [s.strip() for s in err if s.strip()]
+    peak = [int(s.split()[1]) / 2**20 for s in said if s.startswith("PEAK_BYTES ")]
+    said = [s for s in said if not s.startswith("PEAK_BYTES ")] or ["nothing on stderr"]
+    if code:
+        raise Stop(f"stopped: budget ({name} killed after {wall:.0f} s)" if wall >= limit
+                   else f"failed: {name}: exit {code}: {said[-1]}")  # fmt: skip
     found = [(t, BOUND.search(line)) for t, line in lines if BOUND.search(line)]
-    r["bound_at"], match = found[-1] if found else (None, None)
-    r["nll"], r["k"] = (float(match[1]), int(match[2])) if match else (None, None)
-    return r
+    bound_at, match = found[-1] if found else (None, None)
+    bound = f"{float(match[1]):.2f} (K={match[2]})" if match else "—"
+    return {"wall": wall, "lines": lines, "memory": (peak or [None])[0], "bound_at": bound_at,
+            "bound": bound, "k": int(match[2]) if match else None}  # fmt: skip
 
 
-def median(rows, column):
-    values = [float(row[column]) for row in rows if row.get(column)]
-    return statistics.median(values) if values else None
-
-
-def train(args, script, epochs, name, device, extra=()):
-    """`python SCRIPT.py --epochs N` into a fresh SCRATCH/NAME: what its lines and metrics.csv
-    say, and for the estimates of later cases its start-up, s per epoch and the rest."""
+def train(args, script, epochs, name, device, flags=(), base=None):
+    """`python SCRIPT.py --epochs N` into a fresh SCRATCH/NAME, its time guessed from `base` (the
+    default run): run()'s answer with start-up, epoch times, test -ELBOs, s/epoch, images/s."""
+    need = None
+    if base:  # its start-up, then its seconds per epoch
+        need = base["startup"] + (base["wall"] - base["startup"]) * epochs / args.epochs
     out = os.path.join(args.scratch, name)
     shutil.rmtree(out, ignore_errors=True)  # a run into another run's folder prints a note
-    flags = ["--epochs", str(epochs), "--out", out, "--data-dir", args.data_dir, "--device", device]
-    r = run(args, os.path.join(ROOT, f"{script}.py"), [*flags, *extra], out + ".log")
-    try:
-        with open(os.path.join(out, "metrics.csv"), newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        rows = []
+    flags = ["--epochs", str(epochs), "--out", out, "--data-dir", args.data_dir, *flags]
+    r = run(args, os.path.join(ROOT, f"{script}.py"), [*flags, "--device", device], name, need)
     at = [t for t, line in r["lines"] if line.startswith("epoch ")]
-    r["startup"] = next((t for t, line in r["lines"] if line.startswith(f"{script}: ")), None)
-    r.update(out=out, epochs_at=at, elbos=[float(row["test_neg_elbo"]) for row in rows])
-    r.update(s_epoch=median(rows, "train_s"), images_s=median(rows, "images_per_s"))
-    r["elbo"], r["measured"] = r["elbos"][-1] if rows else None, bool(rows and at)
-    r["bound_s"] = r["bound_at"] - at[-1] if r["bound_at"] and at else None
-    if r["error"] is None and not r["measured"]:
-        r["error"] = "failed: exit 0 but no epoch line or no metrics.csv"
+    startup = next((t for t, line in r["lines"] if line.startswith(f"{script}: ")), None)
+    if not at or startup is None:
+        raise Stop(f"failed: {name}: exit 0 but no header or epoch line")
+    with open(os.path.join(out, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    elbos = [float(row["test_neg_elbo"]) for row in rows]
+    r.update(out=out, startup=startup, epochs_at=at, elbos=elbos, elbo=elbos[-1])
+    r["s_epoch"] = statistics.median(float(row["train_s"]) for row in rows)
+    r["images_s"] = statistics.median(float(row["images_per_s"]) for row in rows)
+    r["bound_s"] = r["bound_at"] - at[-1] if r["bound_at"] else None
     return r
 
 
@@ -153,184 +124,110 @@ def num(value, digits=1):
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def bound_text(r):
-    return "—" if r["nll"] is None else f"{r['nll']:.2f} (K={r['k']})"
-
-
-def case_default(args, results, script):
-    """The default command at --epochs."""
-    if refuse(args, None):
-        return {"error": refuse(args, None)}
-    r = train(args, script, args.epochs, f"default-{script}", args.device)
+def case_default(args, script, runs, rows):
+    r = runs[script] = train(args, script, args.epochs, f"default-{script}", args.device)
     cells = [num(r["wall"]), num(r["startup"]), num(r["s_epoch"], 2), num(r["images_s"], 0)]
-    cells += [num(r["memory"], 0), num(r["elbo"], 2), num(r["bound_s"]), bound_text(r)]
-    return {**r, "rows": [cells] if r["measured"] else []}
+    rows.append([*cells, num(r["memory"], 0), num(r["elbo"], 2), num(r["bound_s"]), r["bound"]])
 
 
-def case_bound(args, results, script):
-    """The bound at K = --bound-k on the full test set, on the default run's checkpoint."""
-    base = results[("default", script)]
-    if base.get("error") or not os.path.isfile(os.path.join(base["out"], "checkpoint.pt")):
-        return {"error": "skipped: no checkpoint (the default case did not run to the end)"}
-    if refuse(args, estimate(base, 0, args.bound_k)):
-        return {"error": refuse(args, estimate(base, 0, args.bound_k))}
+def case_bound(args, script, runs, rows):
+    base = runs.get(script)
+    if base is None:
+        raise Stop("skipped: no default run (the bound case uses its checkpoint)")
+    need = base["startup"] + base["bound_s"] * args.bound_k / base["k"] if base["k"] else None
     flags = ["--eval-only", "--iw-samples", str(args.bound_k), "--out", base["out"],
              "--data-dir", args.data_dir, "--device", args.device]  # fmt: skip
-    log = os.path.join(args.scratch, f"bound-{script}.log")
-    r = run(args, os.path.join(ROOT, f"{script}.py"), flags, log)
-    tested = [(t, line) for t, line in r["lines"] if "-ELBO" in line]  # its test line
-    elbo = re.search(r"-ELBO\s+(\S+)", tested[0][1]) if tested else None
-    bound_s = r["bound_at"] - tested[0][0] if r["bound_at"] and tested else None
-    cells = [num(r["wall"]), num(bound_s), num(r["memory"], 0), elbo[1] if elbo else "—"]
-    if r["error"] is None and r["nll"] is None:
-        r["error"] = "failed: exit 0 but no IWAE bound line"
-    return {**r, "rows": [[*cells, bound_text(r)]] if r["nll"] is not None else []}
+    r = run(args, os.path.join(ROOT, f"{script}.py"), flags, f"bound-{script}", need)
+    t, line = next((t, line) for t, line in r["lines"] if "-ELBO" in line)  # its test line
+    elbo = line.split("-ELBO")[1].split()[0]
+    rows.append([num(r["wall"]), num(r["bound_at"] - t), num(r["memory"], 0), elbo, r["bound"]])
 
 
-def case_check(args, results, script):
-    """--check-epochs on the device and on the CPU, same seed: test -ELBO and output files."""
-    base, runs, share = results[("default", script)], {}, args.check_epochs / args.epochs
-    sides = ["device", "cpu"] if args.device != "cpu" else ["device"]  # on a CPU, one run
-    if args.device == "cpu" and share == 1 and base.get("measured") and not base["error"]:
-        runs["device"], sides = base, []  # and the default run is that run
-    for side in sides:
-        refused = refuse(args, estimate(base, share) if side == "device" else None)
-        device, name = args.device if side == "device" else "cpu", f"check-{script}-{side}"
-        runs[side] = {"error": refused} if refused else train(
-            args, script, args.check_epochs, name, device, ["--iw-samples", "0"])  # fmt: skip
-    dev = runs["device"]
-    cpu = runs.get("cpu", dev)  # with --device cpu, against itself: the plumbing only
-    files, diff = "—", None
-    if "out" in dev:
-        missing = [f for f in OUTPUT_FILES if not os.path.isfile(os.path.join(dev["out"], f))]
-        files = "missing: " + ", ".join(missing) if missing else "all present"
-    if dev.get("elbo") is not None and cpu.get("elbo") is not None:
-        diff = dev["elbo"] - cpu["elbo"]
-    failed = any((r["error"] or "").startswith("failed") for r in runs.values())
-    ok = diff is not None and abs(diff) <= TOLERANCE and files == "all present"
-    verdict = "FAIL" if failed else "not checked" if diff is None else "PASS" if ok else "FAIL"
-    cells = [num(dev.get("elbo"), 2), num(cpu.get("elbo"), 2), num(diff, 2), verdict, files]
-    cells += [num(dev.get("wall")), num(cpu.get("wall"))]
-    errors = "; ".join(f"{side}: {r['error']}" for side, r in runs.items() if r["error"])
-    rows = [cells] if "wall" in dev or "wall" in cpu else []
-    return {"rows": rows, "verdict": verdict, "error": errors or None}
+def case_check(args, script, runs, rows):
+    flags, base = ["--iw-samples", "0"], runs.get(script)
+    if args.device == "cpu" and base and args.check_epochs == args.epochs:  # the plumbing only:
+        dev = cpu = base  # on a CPU, the default run against itself
+    else:
+        dev = cpu = train(
+            args, script, args.check_epochs, f"check-{script}", args.device, flags, base
+        )
+    if args.device != "cpu":
+        cpu = train(args, script, args.check_epochs, f"check-{script}-cpu", "cpu", flags)
+    missing = [f for f in OUTPUTS if not os.path.isfile(os.path.join(dev["out"], f))]
+    diff = dev["elbo"] - cpu["elbo"]
+    verdict = "PASS" if abs(diff) <= TOLERANCE and not missing else "FAIL"
+    rows.append([num(dev["elbo"], 2), num(cpu["elbo"], 2), num(diff, 2), verdict,
+                 "missing: " + ", ".join(missing) if missing else "all present",
+                 num(dev["wall"]), num(cpu["wall"])])  # fmt: skip
 
 
-class Stop(Exception):
-    """A run of the quality case that did not end with a test -ELBO: why."""
-
-
-def case_quality(args, results, script):
-    """Time to the tutorial's test -ELBO: its loop for --epochs, then the shortest --epochs N."""
-    base = results[("default", script)]
-    if base.get("error") or not base.get("measured"):
-        return {"error": "skipped: no default run (the quality case needs it)"}
-    if refuse(args, None):
-        return {"error": refuse(args, None)}
-    out = os.path.join(args.scratch, f"quality-{script}-tutorial")
+def case_quality(args, script, runs, rows):
+    base, name = runs.get(script), f"quality-{script}-tutorial"
+    if base is None:
+        raise Stop("skipped: no default run (the quality case needs it)")
     flags = ["--tutorial", script[4:], "--epochs", str(args.epochs), "--data-dir", args.data_dir,
-             "--out", out, "--device", args.device]  # fmt: skip
-    tutorial = run(args, os.path.join(ROOT, "benchmarks", "speed.py"), flags, out + ".log")
+             "--out", os.path.join(args.scratch, name), "--device", args.device]  # fmt: skip
+    tutorial = run(args, os.path.join(ROOT, "benchmarks", "speed.py"), flags, name)
     stamps = [(t, line) for t, line in tutorial["lines"] if line.startswith("epoch ")]
-    result, runs = {"rows": []}, {args.epochs: base}
-    if tutorial["error"] or len(stamps) < args.epochs:
-        why = tutorial["error"] or "failed: fewer epoch lines than --epochs"
-        return {"error": f"{why} (the tutorial loop)"}
-    theirs = tutorial_epochs(stamps, tutorial["wall"])
+    theirs, done = tutorial_epochs(stamps, tutorial["wall"]), {args.epochs: base}
 
     def final(n):  # the test -ELBO a run of n epochs ends at
-        if n not in runs:
-            refused = refuse(args, estimate(base, n / args.epochs))
-            if refused:
-                raise Stop(f"{refused} (--epochs {n})")
-            runs[n] = train(args, script, n, f"quality-{script}-{n}", args.device)
-        if runs[n]["error"] or runs[n]["elbo"] is None:
-            raise Stop(f"{runs[n]['error'] or 'failed: no test -ELBO'} (--epochs {n})")
-        return runs[n]["elbo"]
+        if n not in done:
+            done[n] = train(args, script, n, f"quality-{script}-{n}", args.device, base=base)
+        return done[n]["elbo"]
 
     for epochs in sorted({args.epochs, min(5, args.epochs)}, reverse=True):
         target, tut = theirs["test"][epochs - 1], theirs["at"][epochs - 1]
         cross = next((e for e, t in enumerate(base["elbos"], 1) if t <= target), None)
-        try:
-            n = shortest(target, cross, final, args.epochs)
-            final(n)  # the search may end at the default run without asking for its end
-        except Stop as e:
-            result["error"] = str(e)
-            break
-        ours, elbo = runs[n]["wall"], runs[n]["elbo"]
+        n = shortest(target, cross, final, args.epochs)
+        elbo = final(n)  # the search may end at n without asking for its test -ELBO
         at = f"{cross} ({base['epochs_at'][cross - 1]:.0f})" if cross else "—"
-        cells = [f"{target:.2f}", epochs, f"{tut:.1f}", n, f"{ours:.1f}", f"{elbo:.2f}"]
-        result["rows"].append([*cells, f"{tut / ours:.2f}", at])
-    return result
+        rows.append([f"{target:.2f}", epochs, f"{tut:.1f}", n, f"{done[n]['wall']:.1f}",
+                     f"{elbo:.2f}", f"{tut / done[n]['wall']:.2f}", at])  # fmt: skip
 
 
-TITLES = {
-    "default": ["wall s", "start-up s", "s/epoch", "images/s", "peak MB", "test -ELBO",
-                "bound s", "IWAE bound"],
-    "bound": ["wall s", "bound s", "peak MB", "test -ELBO", "IWAE bound"],
-    "check": ["device test -ELBO", "CPU test -ELBO", "difference", "verdict", "output files",
-              "device wall s", "CPU wall s"],
-    "quality": ["tutorial's test -ELBO", "after its epochs", "tutorial s", "ours: `--epochs N`",
-                "ours s", "ours' test -ELBO", "speed-up", "default run gets there at epoch (s)"],
-}  # fmt: skip
-
-
-def row(*cells):
-    return "| " + " | ".join(str(c).replace("|", "\\|")[:200] for c in cells) + " |"
-
-
-def table(results, case, scripts):
-    """A row per script and row of its result, then its error or why it was skipped."""
-    lines = [row("script", *TITLES[case]), row(*["---"] * (len(TITLES[case]) + 1))]
-    for script in scripts:
-        r = results.get((case, script), {"error": "not run yet"})
-        lines += [row(script, *cells) for cells in r.get("rows", [])]
-        if r.get("error"):
-            lines.append(row(script, r["error"], *[""] * (len(TITLES[case]) - 1)))
-    return ["", *lines, ""]
-
-
-def write_report(args, results, finished):
-    """The markdown report, into --report (whole or not at all), and returned."""
-    a, gpu = args, "no GPU used"
+def write_report(a, results):
+    """The markdown report: a note and a table for each case; into --report, and returned."""
+    title, gpu = "CPU only", "no GPU used"
     if a.device == "cuda":
-        p, cudnn = torch.cuda.get_device_properties(0), torch.backends.cudnn.version()
+        p, title = torch.cuda.get_device_properties(0), torch.cuda.get_device_name()
         gpu = f"{p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}, "
-        gpu += f"CUDA {torch.version.cuda}, cuDNN {cudnn}"
-    text = "\n".join([
-        f"### GPU check: {a.title}{'' if finished else ' (in progress)'}",
+        gpu += f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    notes = {  # what each table measures
+        "default": f"1. `python SCRIPT.py --epochs {a.epochs}`; start-up: to its header line; "
+        "s/epoch, images/s: metrics.csv's medians; bound s: from the last epoch line.",
+        "bound": f"2. `python SCRIPT.py --eval-only --iw-samples {a.bound_k}` on 1's folder; "
+        "bound s: from its test line.",
+        "check": f"3. {a.device} against cpu (on a CPU: one run), `--epochs {a.check_epochs} "
+        f"--iw-samples 0`: PASS if the test -ELBOs are within {TOLERANCE:g} nat and the device "
+        f"run wrote {', '.join(OUTPUTS)}.",
+        "quality": "4. The shortest `python SCRIPT.py --epochs N` that gets to the tutorial's test "
+        "-ELBO after --epochs and after 5 epochs (speed.py --quality, one repetition).",
+    }
+    lines = [
+        f"### GPU check: {title}",
         "",
-        f"`python benchmarks/gpu_check.py {shlex.join(sys.argv[1:])}`  ",
-        f"{datetime.date.today()}, {machine()}, {gpu}, torch {torch.__version__}, Python "
-        f"{platform.python_version()}  ",
-        f"device {a.device}, budget {a.budget:.0f} s, used {time.perf_counter() - STARTED:.0f} s; "
-        "each run one process, launch to exit; peak MB: "
-        f"{'torch.cuda.max_memory_allocated()' if a.device == 'cuda' else 'peak RSS'}.",
-        "",
-        f"1. `python SCRIPT.py --epochs {a.epochs}`. Start-up: to the header line; s/epoch, "
-        "images/s: metrics.csv's medians; bound s: from the last epoch line to the bound line.",
-        *table(results, "default", a.scripts),
-        f"2. The bound at K={a.bound_k} on the checkpoint of 1: `python SCRIPT.py --eval-only "
-        f"--iw-samples {a.bound_k} --out THAT_OUT`; bound s: from its test line.",
-        *table(results, "bound", a.scripts),
-        f"3. Numerical check, {a.device} against cpu, `--epochs {a.check_epochs} --iw-samples "
-        f"0`, seed 1: PASS if the test -ELBO is within {TOLERANCE:g} nat and every one of "
-        f"{', '.join(OUTPUT_FILES)} is in the device run's folder.",
-        *table(results, "check", a.scripts),
-        f"4. Time to the tutorial's test -ELBO after {a.epochs}{' and 5' if a.epochs > 5 else ''}"
-        " epochs (speed.py --quality, one repetition): the shortest `python SCRIPT.py --epochs "
-        "N` that ends at or below it, against the tutorial loop's time to that epoch.",
-        *table(results, "quality", a.scripts),
-        f"Each run's stderr: {a.scratch}/CASE-SCRIPT.log.",
-    ]) + "\n"  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-    with open(args.report + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.report + ".tmp", args.report)
-    return text
+        f"`python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`  ",
+        f"{time.strftime('%Y-%m-%d')}, {machine()}, {gpu}, torch {torch.__version__}, Python "
+        f"{sys.version.split()[0]}  ",
+        f"budget {a.budget:.0f} s, used {time.perf_counter() - STARTED:.0f} s; peak MB: torch's "
+        f"max_memory_allocated(), on a CPU peak RSS; runs' stderr: {a.scratch}/NAME.log.",
+    ]
+    for case, columns in COLUMNS.items():
+        lines += ["", notes[case], "", f"| script | {columns} |"]
+        lines.append("| --- " * (columns.count("|") + 2) + "|")
+        for script in a.scripts:  # its rows, an error a row of one cell
+            for cells in results.get((case, script), [["not run yet"]]):
+                cells = [str(c).replace("|", "\\|")[:200] for c in cells]
+                lines.append(f"| {script} | {' | '.join(cells)} |")
+    os.makedirs(os.path.dirname(os.path.abspath(a.report)), exist_ok=True)
+    with open(a.report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main():
+    cases = dict(default=case_default, bound=case_bound, check=case_check, quality=case_quality)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="of all runs but the check's CPU run (auto: cuda if any)")  # fmt: skip
@@ -341,38 +238,34 @@ def main():
     p.add_argument("--budget", type=float, default=420, help="seconds for all the cases (420)")
     p.add_argument("--report", default=os.path.join(ROOT, "results", "gpu_check.md"))
     p.add_argument("--scratch", default=os.path.join(ROOT, "results", "gpu_check"))
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:3]), metavar="CASE",
-                   help=f"of {', '.join(CASES)} (default: all but quality)")  # fmt: skip
-    p.add_argument("--scripts", nargs="+", choices=SCRIPTS, default=list(SCRIPTS))
+    p.add_argument("--cases", nargs="+", choices=cases, default=["default", "bound", "check"],
+                   help="quality only when named")  # fmt: skip
+    p.add_argument("--scripts", nargs="+", choices=SCRIPTS, default=SCRIPTS)
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no GPU here")
-    args.data_dir, args.scratch = os.path.abspath(args.data_dir), os.path.abspath(args.scratch)
-    args.scripts = [s for s in SCRIPTS if s in args.scripts]
     os.environ["PYTHONUNBUFFERED"] = "1"  # for the runs: a line's time is when it was printed
-    args.title = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
     os.makedirs(args.scratch, exist_ok=True)
-    cases = {"default": case_default, "bound": case_bound, "check": case_check}
-    results, failed, cases["quality"] = {}, False, case_quality
-    for case in CASES:
+    results, runs, failed = {}, {}, False  # (case, script): its table's rows; script: default run
+    for case, function in cases.items():
         for script in args.scripts:
+            rows = results[(case, script)] = []
             if case not in args.cases:
-                results[(case, script)] = {"error": "skipped: not in --cases"}
+                rows.append(["skipped: not in --cases"])
                 continue
             print(f"[{time.perf_counter() - STARTED:4.0f} s] {case} {script}:", end=" ", flush=True)
             try:
-                result = cases[case](args, results, script)
-            except Exception as e:  # a bug here must not lose the cases measured so far
-                result = {"error": f"failed: in gpu_check.py: {type(e).__name__}: {e}"}
-            results[(case, script)] = result
-            failed |= (result.get("error") or "").startswith("failed")
-            failed |= result.get("verdict") == "FAIL"
-            said = [f"{result['wall']:.1f} s" if "wall" in result else None, result.get("verdict")]
-            print(", ".join(filter(None, [*said, result.get("error") or "ok"])), flush=True)
-            write_report(args, results, False)
-    print(f"\n{write_report(args, results, True)}report: {args.report}")
+                function(args, script, runs, rows)
+            except Stop as e:
+                rows.append([str(e)])
+            except Exception as e:  # a bug, or a run's odd output: keep the cases measured so far
+                rows.append([f"failed: {type(e).__name__}: {e}"])
+            failed |= any("FAIL" in cells or str(cells[0]).startswith("failed") for cells in rows)
+            print(" | ".join(map(str, rows[-1])), flush=True)
+            write_report(args, results)  # the cases not run yet say so
+    print(f"\n{write_report(args, results)}report: {args.report}")
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ whole `--epochs N` run, IWAE bound included; then --reps more alternating repeti
 
 Each repetition runs, alternating, two whole processes on the same real MNIST:
   ours      the script's default command: `python vae_mlp.py --epochs N --out ...` (test -ELBO
-            every epoch, pictures, metrics.csv, checkpoint, the final IWAE bound at K=100)
+            every epoch, pictures, metrics.csv, checkpoint, the final IWAE bound at K=10)
   tutorial  the loop most VAE tutorials print (pytorch/examples vae/main.py): a DataLoader over
             datasets.MNIST(transform=ToTensor()), batch 128, shuffle, the same architecture as
             our default, sigmoid + binary_cross_entropy, Adam 1e-3, a .item() per step, the
