@@ -384,13 +384,13 @@ def loss_figure(rows, steps):
     epochs = [r["epoch"] for r in rows]
     later = x > min(1.0, epochs[-1] / 2)  # what sets the y axis: all of it if nothing is later
     later = later if later.any() else x >= 0
-    panels = (("total", ("neg_elbo", "C2", "-ELBO")), ("terms", ("recon", "C0"), ("kl", "C3")))
-    for ax, (title, *curves) in zip(axes, panels):
+    total, terms = [("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]
+    for ax, title, curves in zip(axes, ("total", "terms"), (total, terms)):
         shown = []
-        for key, color, *name in curves:
-            ax.plot(x, train[key], color=color, lw=1, label=f"train {(name or [key])[0]}")
+        for key, color, name in curves:
+            ax.plot(x, train[key], color=color, lw=1, label=f"train {name}")
             test = [float(r[f"test_{key}"]) for r in rows]
-            ax.plot(epochs, test, "o", color=color, label=f"test {(name or [key])[0]}")
+            ax.plot(epochs, test, "o", color=color, label=f"test {name}")
             shown += [*train[key][later].tolist(), *test]
         margin = 0.05 * (max(shown) - min(shown)) or 1.0
         ax.set(ylim=(min(shown) - margin, max(shown) + margin), xlim=(0, epochs[-1]))

@@ -1351,6 +1351,8 @@ def test_loss_png_shows_the_epochs_after_the_first():
     total, terms = common.loss_figure(rows, steps).axes
     assert 110 <= total.get_ylim()[1] < 120 and total.get_ylim()[0] <= 92
     assert 90 <= terms.get_ylim()[1] < 100 and terms.get_ylim()[0] <= 20
+    names = [t.get_text() for t in terms.get_legend().get_texts()]
+    assert names == ["train recon", "test recon", "train KL", "test KL"]
 
 
 def test_the_readme_results_are_the_benchmark_records():
