@@ -257,10 +257,8 @@ def prepare_out(args, start=False):
         raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror or e}") from None
     old = [p for p in (os.path.join(args.out, n) for n in RUN_FILES) if os.path.isfile(p)]
     if start and old:
-        print(
-            f"note: {args.out}/ held an earlier run; starting a new one in its place",
-            file=sys.stderr,
-        )
+        note = f"note: {args.out}/ held an earlier run; starting a new one in its place"
+        print(note, file=sys.stderr)
         for path in old:
             os.remove(path)
 
@@ -642,12 +640,13 @@ class StopOnSignal:
     def _raise(self, signum, frame):
         raise KeyboardInterrupt(signum)
 
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._raise)
+    def __enter__(self):  # both, even where the shell ignores SIGINT (a background job)
+        self.previous = {s: signal.signal(s, self._raise) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, kind, exc, tb):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
         if not isinstance(exc, KeyboardInterrupt):
             return False
         a, rows, path = self.saver.args, self.saver.rows, self.saver.args.checkpoint

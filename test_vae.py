@@ -605,11 +605,17 @@ def test_sigint_in_epoch_2_then_resume_matches(data_dir, uninterrupted, tmp_path
 
 
 def test_interrupted_in_epoch_1_returns_no_model(data_dir, tmp_path, monkeypatch, capsys):
+    """Also where SIGINT was ignored when Python started (a job a shell put in the background)."""
+
     def interrupt(*a, **kw):
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(vae_mlp, "evaluate", interrupt)
-    result = vae_mlp.main(["--data-dir", data_dir, "--out", str(tmp_path), *RESUMABLE])
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = vae_mlp.main(["--data-dir", data_dir, "--out", str(tmp_path), *RESUMABLE])
+    finally:
+        assert signal.signal(signal.SIGINT, before) == signal.SIG_IGN  # main put it back
     assert result["exit_code"] == 130 and result["metrics"] == []
     assert result["model"] is None and result["test"] is None
     assert "stopped in epoch 1; nothing was saved" in capsys.readouterr().err
