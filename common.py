@@ -1,23 +1,14 @@
 """Plumbing for vae_mlp.py and vae_conv.py, none of it the algorithm: a reader can skip this file.
-
-1. flags        validators, the flags that run a script, the default --out, printed commands
-2. data files   the four IDX files of MNIST or Fashion-MNIST, checked, as uint8 tensors
-3. output files pictures, metrics.csv and checkpoint.pt, each written to a temporary file first
-4. running      device, progress line, Ctrl-C, one-line errors
-"""
+Flags and printed commands; the data; pictures, metrics.csv, checkpoint.pt; Ctrl-C and errors."""
 
 import argparse
-import csv
-import gc
 import gzip
-import io
 import itertools
 import math
 import os
 import pickle
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +18,10 @@ import torch
 
 
 class UserError(Exception):
-    """A problem the user can fix (data, flags, files): reported in one line, exit code 1."""
+    """A problem the user can fix (data, flags, files): one line on stderr, exit code 1."""
 
 
-# ---- 1. Flags
+# ---- Flags
 
 
 def _number(kind, test, words):
@@ -51,20 +42,21 @@ nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "0 or 
 seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)", no "(default: False)"
+        shown = action.default is not None and action.default is not False
+        return super()._get_help_string(action) if shown else action.help
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported in one line (exit code 2) rather than the usage."""
+    """argparse with the defaults in --help, no prefixes of flags, a bad flag in one line."""
+
+    def __init__(self, prog, description):
+        super().__init__(prog, description=description, formatter_class=HelpFormatter,
+                         allow_abbrev=False)  # fmt: skip
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where there is a default worth showing."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def add_run_flags(p, script):
@@ -78,17 +70,15 @@ def add_run_flags(p, script):
     g.add_argument("--generate", type=positive_int, metavar="N",
                    help="load OUT/checkpoint.pt, write N samples to OUT/generated.png")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help=f"folder for pictures, metrics.csv and checkpoint.pt (default: "
-                   f"results/{script}/, or e.g. results/{script}-beta4/ for --beta 4: one per "
-                   "experiment, named by the flags above that differ from their defaults, but "
-                   "--epochs and --data-dir)")
+    g.add_argument("--out", help=f"the run's folder (default: results/{script}, then each flag "
+                   f"above but --epochs and --data-dir that is not at its default, as "
+                   f"results/{script}-beta4 for --beta 4)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
 
 
 EXPERIMENT = ("model", "data", "loss", "training")  # groups of flags that name --out's default
 NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same experiment
-WINDOWS = os.name == "nt"
 
 
 def parse_args(parser, argv, script):
@@ -103,11 +93,9 @@ def parse_args(parser, argv, script):
 
 
 def default_out(parser, args):
-    """results/ and the script's name, then each experiment flag that differs from its default,
-    as vae_mlp-beta4-likelihood-gaussian. To read a checkpoint (--resume, --eval-only,
-    --generate): the folder that holds one and is named by the most of those flags, but for
-    the model's and the data's, so that a flag added to the command that started a run (--lr,
-    say) still finds it."""
+    """results/vae_mlp, then each experiment flag not at its default: vae_mlp-beta4-lr0.001. To read
+    a run, the folder with a checkpoint named by the most of them, the model's and data's kept:
+    a flag added to the command that started it (--lr, say) still finds it."""
     words, loose = [], []  # loose: the flags such a command may add
     for group in (g for g in parser._action_groups if g.title in EXPERIMENT):
         for a in group._group_actions:
@@ -130,8 +118,8 @@ def default_out(parser, args):
 
 
 def command(args, *flags):
-    """The whole command that goes on with this run: as typed, with `flags` in place of the
-    same flags typed, and --out; quoted for this platform's shell (POSIX sh or cmd.exe)."""
+    """The whole command that goes on with this run, for a POSIX shell: as typed, with `flags`
+    in place of the same flags typed, and --out."""
     replaced = {"--resume", "--eval-only", "--generate", "--out"}
     replaced |= {f for f in flags if f.startswith("--")}  # typed again with a new value
     words, skip = ["python", f"{args.script}.py"], False
@@ -143,11 +131,10 @@ def command(args, *flags):
             skip = "=" not in word and name not in ("--resume", "--eval-only")
         else:
             words.append(word)
-    words += [*flags, "--out", args.out]
-    return subprocess.list2cmdline(words) if WINDOWS else shlex.join(words)
+    return shlex.join([*words, *flags, "--out", args.out])
 
 
-# ---- 2. Data files: one uint8 tensor per split, checked, moved to the device once
+# ---- Data: one uint8 tensor per split, checked, moved to the device once
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -157,17 +144,31 @@ FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}  # torchvision's <dir>/<n
 TEST_BINARIZE_SEED = 0  # the binarized test set is the same in every run, whatever --seed
 
 
-def find_data(args):
-    """Paths of the four files, plain or gzipped, in torchvision's layout or a flat folder;
-    torchvision downloads them if there are none."""
+def load_data(args, device):
+    """{'train': (x, y), 'test': (x, y)}: x uint8 (N, 1, 28, 28) on the device, y int64.
+    With --binarize dynamic the test images are 0/255, sampled once with a fixed seed."""
+    data = read_mnist(args)
+    for split, (x, y) in data.items():
+        least = args.batch_size if split == "train" else 2
+        if len(x) < least:
+            raise UserError(f"{args.dataset}: {len(x)} {split} images, fewer than {least}")
+        if split == "test" and args.binarize == "dynamic":
+            g = torch.Generator().manual_seed(TEST_BINARIZE_SEED)
+            x = (torch.bernoulli(x / 255.0, generator=g) * 255).to(torch.uint8)
+        data[split] = (x.to(device), y.to(device))
+    return data
 
-    def present(folder):
-        names = (n for pair in FILES.values() for n in pair)
-        paths = ((n, os.path.join(folder, n + gz)) for n in names for gz in ("", ".gz"))
-        return {n: p for n, p in reversed(list(paths)) if os.path.isfile(p)}
 
-    raw = os.path.join(args.data_dir, FOLDER[args.dataset], "raw")
-    found = max(present(raw), present(args.data_dir), key=len)
+def read_mnist(args):
+    """The four IDX files, gzipped or not, in <dir>/MNIST/raw/ (torchvision's layout, where it
+    downloads them if there are none; FashionMNIST/ for Fashion-MNIST) or in <dir>/ itself."""
+    raw, names = os.path.join(args.data_dir, FOLDER[args.dataset], "raw"), sum(FILES.values(), ())
+
+    def find(folder):  # the plain file where both are there
+        paths = (os.path.join(folder, n + gz) for n in names for gz in (".gz", ""))
+        return {os.path.basename(p).removesuffix(".gz"): p for p in paths if os.path.isfile(p)}
+
+    found = max(find(raw), find(args.data_dir), key=len)
     if not found:
         try:  # torchvision checks the md5s and unpacks into <dir>/<name>/raw/
             from torchvision import datasets
@@ -175,17 +176,20 @@ def find_data(args):
             getattr(datasets, FOLDER[args.dataset])(args.data_dir, train=True, download=True)
         except Exception:  # no network, or no torchvision
             pass
-        found = present(raw)
-    missing = [n + ".gz" for pair in FILES.values() for n in pair if n not in found]
-    if not found:
-        raise UserError(
-            f"{args.dataset} data not found in {raw}/ or {args.data_dir}/ and could not be "
-            f"downloaded: put the four files ({', '.join(missing)}) in {raw}/"
-        )
+        found = find(raw)
+    missing = [n + ".gz" for n in names if n not in found]
     if missing:
-        where = os.path.dirname(next(iter(found.values())))
-        raise UserError(f"{where}/ lacks {', '.join(missing)}: put the files there")
-    return found
+        where = os.path.dirname(next(iter(found.values()))) if found else raw
+        raise UserError(f"no {args.dataset} data: {where}/ lacks {', '.join(missing)}")
+    data = {}
+    for split, (images, labels) in FILES.items():
+        x, y = read_idx(found[images], 3), read_idx(found[labels], 1).long()
+        if len(x) != len(y):
+            raise UserError(f"{found[images]} has {len(x)} images but {found[labels]} {len(y)}")
+        if x.shape[1:] != (28, 28):
+            raise UserError(f"{found[images]} holds {x.shape[1]}x{x.shape[2]} images, not 28x28")
+        data[split] = (x.unsqueeze(1), y)
+    return data
 
 
 def read_idx(path, dims):
@@ -204,28 +208,7 @@ def read_idx(path, dims):
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(shape)
 
 
-def load_data(args, device):
-    """{'train': (x, y), 'test': (x, y)}: x uint8 (N, 1, 28, 28) on the device, y int64.
-    With --binarize dynamic the test images are 0/255, sampled once with a fixed seed."""
-    paths = find_data(args)
-    data = {}
-    for split, (images, labels) in FILES.items():
-        x, y = read_idx(paths[images], 3), read_idx(paths[labels], 1).long()
-        least = args.batch_size if split == "train" else 2
-        if x.shape[1:] != (28, 28):
-            raise UserError(f"{paths[images]} holds {x.shape[1]}x{x.shape[2]} images, not 28x28")
-        if len(x) != len(y):
-            raise UserError(f"{paths[images]} has {len(x)} images but {paths[labels]} {len(y)}")
-        if len(x) < least:
-            raise UserError(f"{paths[images]} has {len(x)} images, fewer than {least}")
-        if split == "test" and args.binarize == "dynamic":
-            g = torch.Generator().manual_seed(TEST_BINARIZE_SEED)
-            x = (torch.bernoulli(x / 255.0, generator=g) * 255).to(torch.uint8)
-        data[split] = (x.unsqueeze(1).to(device), y.to(device))
-    return data
-
-
-# ---- 3. Output files, each written to a temporary file and renamed: never half-written
+# ---- Output files, each written to a temporary file and renamed: never half-written
 
 
 def atomic_write(path, write):
@@ -242,20 +225,15 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-RUN_FILES = ("samples.png", "samples.gif", "reconstructions.png", "interpolation.png",
-             "traversal.png", "manifold.png", "latent.png", "loss.png", "metrics.csv",
-             "generated.png", "checkpoint.pt")  # fmt: skip
-
-
-def prepare_out(args, start=False):
-    """--out exists and is writable, before training. With start (a new run): the files of the
-    run that was there are removed, saying so, lest the two mix."""
+def prepare_out(args, start):
+    """--out exists and is writable. With start (a new run): the files of the run that was
+    there are removed, saying so, lest the two mix."""
     try:
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
     except OSError as e:
         raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror or e}") from None
-    old = [p for p in (os.path.join(args.out, n) for n in RUN_FILES) if os.path.isfile(p)]
+    old = [f.path for f in os.scandir(args.out) if f.name.endswith((".png", ".gif", ".csv", ".pt"))]
     if start and old:
         note = f"note: {args.out}/ held an earlier run; starting a new one in its place"
         print(note, file=sys.stderr)
@@ -293,6 +271,24 @@ def save_gif(frames, path):
     atomic_write(path, lambda f: first.save(f, "gif", **gif))
 
 
+@torch.no_grad()
+def latent_grids(decode, mu0, mu_test):
+    """What each latent dimension does: traversal.png sweeps the 10 most used dimensions over
+    -2.5..2.5, one a row, the others at a test image's posterior mean mu0; for a 2-D latent,
+    manifold.png decodes 20 x 20 z over where the test set's means lie, z[1] growing upwards."""
+    mean = lambda z: torch.sigmoid(decode(z))  # noqa: E731  E[x|z] under either likelihood
+    dims = mu_test.var(0).argsort(descending=True)[:10]  # the most used dimensions first
+    z_rows = mu0.repeat(len(dims), 11, 1)  # (rows, 11, D)
+    z_rows[torch.arange(len(dims)), :, dims] = torch.linspace(-2.5, 2.5, 11, device=mu0.device)
+    out = {"traversal.png": (mean(z_rows.flatten(0, 1)), 11)}
+    if mu_test.shape[1] == 2:
+        lo, hi = mu_test.min(0).values, mu_test.max(0).values
+        z0, z1 = (torch.linspace(lo[i], hi[i], 20, device=mu0.device) for i in (0, 1))
+        grid = torch.stack(torch.meshgrid(z0, z1.flip(0), indexing="xy"), -1).view(-1, 2)
+        out["manifold.png"] = (mean(grid), 20)  # (400, 2) z
+    return out
+
+
 def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
     """Fixed margins in inches (left, bottom, right, top): tight_layout would draw it twice."""
     from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
@@ -303,51 +299,12 @@ def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
     return fig, fig.subplots(1, columns)
 
 
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-
-
-def labelled_grid(images, nrow, x_axis, y_axis):
-    """A grid of decodings with the latent values along its axes: (label, values) each."""
-    rows, (h, w) = math.ceil(len(images) / nrow), images.shape[2:]
-    fig, ax = figure(1.5 + 0.42 * nrow, 1.0 + 0.42 * rows, margins=(0.8, 0.9, 0.2, 0.1))
-    ax.imshow(grid_pixels(images, nrow, padding=0), cmap="gray", vmin=0, vmax=255)
-    name = lambda v: v if isinstance(v, str) else f"{v:.2g}"  # noqa: E731
-    ax.set_xticks([(i + 0.5) * w - 0.5 for i in range(nrow)], map(name, x_axis[1]), rotation=90)
-    ax.set_yticks([(i + 0.5) * h - 0.5 for i in range(rows)], map(name, y_axis[1]))
-    ax.set(xlabel=x_axis[0], ylabel=y_axis[0])
-    return fig
-
-
-@torch.no_grad()
-def latent_grids(decode, mu0, mu_test):
-    """What each latent dimension does, as (images, nrow, x_axis, y_axis) for labelled_grid: a
-    traversal of the 10 most used dimensions, one a row swept over -2.5..2.5 with the others at
-    a test image's posterior mean mu0; for a 2-D latent, the manifold: decodings of 20 x 20 z
-    over where the test set's means lie."""
-    mean = lambda z: torch.sigmoid(decode(z))  # noqa: E731  E[x|z] under either likelihood
-    dims = mu_test.var(0).argsort(descending=True)[:10]  # the most used dimensions first
-    sweep = torch.linspace(-2.5, 2.5, 11, device=mu0.device)
-    z_rows = mu0.repeat(len(dims), 11, 1)  # (rows, 11, D)
-    z_rows[torch.arange(len(dims)), :, dims] = sweep
-    x_axis = ("value of the row's dimension (the others: a test image's mu)", sweep.tolist())
-    rows = ("", [f"z[{u}]" for u in dims.tolist()])
-    out = {"traversal.png": (mean(z_rows.flatten(0, 1)), 11, x_axis, rows)}
-    if mu_test.shape[1] == 2:
-        lo, hi = mu_test.min(0).values, mu_test.max(0).values
-        z0, z1 = (torch.linspace(lo[i], hi[i], 20, device=mu0.device) for i in (0, 1))
-        z1 = z1.flip(0)  # z[1] grows upwards
-        grid = torch.stack(torch.meshgrid(z0, z1, indexing="xy"), -1).view(-1, 2)  # (400, 2)
-        out["manifold.png"] = (mean(grid), 20, ("z[0]", z0.tolist()), ("z[1]", z1.tolist()))
-    return out
-
-
 def latent_figure(mu, y):
     """Test-set means of q(z|x) coloured by label; the first two principal components above 2-D."""
     mu, y = mu.float().cpu(), y.cpu()
     if mu.shape[1] == 1:
         points, labels = torch.stack([mu[:, 0], y.float()], 1), ("z[0]", "label")
-    elif mu.shape[1] == 2:  # the limits of manifold.png, so that the two can be laid side by side
+    elif mu.shape[1] == 2:
         points, labels = mu, ("z[0]", "z[1]")
     else:
         centred = mu - mu.mean(0)
@@ -361,94 +318,67 @@ def latent_figure(mu, y):
         ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label}", label=str(label))
     ax.legend(title="label", loc="center left", bbox_to_anchor=(1, 0.5), markerscale=6)
     ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
-    if mu.shape[1] == 2:
-        (x0, y0), (x1, y1) = mu.min(0).values.tolist(), mu.max(0).values.tolist()
-        ax.set(xlim=(x0, x1), ylim=(y0, y1))
     return fig
 
 
-def loss_figure(rows, steps):
-    """-ELBO (left), recon and KL (right) in nats per image: training per step (smoothed over
-    a tenth of an epoch) as lines, the test set after each epoch as dots. The y axis fits the
-    run after its first epoch: the first steps, hundreds of nats higher, would squash it."""
-    from matplotlib.ticker import MaxNLocator
-
+def loss_figure(rows):
+    """-ELBO (left), recon and KL (right) in nats per image after each epoch: the mean over
+    the epoch's training steps as a line, the test set as dots."""
     fig, axes = figure(10, 4, columns=2)
-    per_epoch = len(steps) / len(rows)
-    width = max(1, round(per_epoch / 10))  # a moving average over `width` steps
-    smooth = steps.unfold(0, width, 1).mean(-1)  # (steps - width + 1, 2)
-    x = (torch.arange(len(smooth)) + width) / per_epoch  # the epoch at each average's last step
-    train = {"neg_elbo": smooth.sum(1), "recon": smooth[:, 0], "kl": smooth[:, 1]}
     epochs = [r["epoch"] for r in rows]
-    later = x > min(1.0, epochs[-1] / 2)  # what sets the y axis: all of it if nothing is later
-    later = later if later.any() else x >= 0
-    total, terms = [("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]
-    for ax, title, curves in zip(axes, ("total", "terms"), (total, terms)):
-        shown = []
-        for key, color, name in curves:
-            ax.plot(x, train[key], color=color, lw=1, label=f"train {name}")
-            test = [float(r[f"test_{key}"]) for r in rows]
-            ax.plot(epochs, test, "o", color=color, label=f"test {name}")
-            shown += [*train[key][later].tolist(), *test]
-        margin = 0.05 * (max(shown) - min(shown)) or 1.0
-        ax.set(ylim=(min(shown) - margin, max(shown) + margin), xlim=(0, epochs[-1]))
+    curves = [[("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]]
+    for ax, title, terms in zip(axes, ("total", "terms"), curves):
+        for key, color, name in terms:
+            ax.plot(epochs, [r[f"train_{key}"] for r in rows], color=color, label=f"train {name}")
+            ax.plot(
+                epochs, [r[f"test_{key}"] for r in rows], "o", color=color, label=f"test {name}"
+            )
         ax.set(xlabel="epoch", ylabel="nats per image", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     return fig
 
 
-METRIC_FIELDS = [  # the columns of metrics.csv
-    "epoch", "lr", "kl_weight",
-    "train_k",  # K of the bound the epoch trained on (1: the ELBO)
-    "train_recon", "train_kl", "train_neg_elbo",  # recon + KL, whatever the epoch trained on
-    "test_recon", "test_kl", "test_neg_elbo", "test_active_units",
-    "images_per_s",  # training images per second of the training steps
-    "train_s", "test_s",  # seconds of the epoch's training steps, and of its test evaluation
-    "elapsed_s",  # seconds since training started, to the end of this evaluation
-]  # fmt: skip
+def save_figure(fig, out, name):
+    atomic_write(os.path.join(out, name), lambda f: fig.savefig(f, format="png"))
+
+
 TERMS = ("recon", "kl", "neg_elbo")
 DRAW_EVERY_S = 300  # the matplotlib figures: after the last epoch, and at most every 5 minutes
 
 
 class Saver:
-    """Each epoch's row of metrics, and what each epoch leaves in --out, then its line on
-    stdout: the picture grids, samples.gif (the samples of every epoch), metrics.csv,
-    checkpoint.pt; and the matplotlib figures (loss.png, latent.png and the labelled grids)
-    after the last epoch, and after any epoch that ends DRAW_EVERY_S after they were drawn."""
+    """What each epoch leaves in --out, then its line on stdout: the picture grids, samples.gif
+    (the samples of every epoch), metrics.csv, checkpoint.pt; and the matplotlib figures,
+    loss.png and latent.png, after the last epoch and after any epoch that ends DRAW_EVERY_S
+    or more after they were drawn."""
 
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
         prepare_out(args, start=not args.resume)
-        old = ckpt if args.resume else {"metrics": [], "steps": torch.zeros(0, 2), "frames": []}
-        self.rows, self.steps, self.frames = list(old["metrics"]), old["steps"], list(old["frames"])
+        self.rows = list(ckpt["metrics"]) if args.resume else []
+        self.frames = list(ckpt["frames"]) if args.resume else []
         self.start = self.drawn = time.perf_counter()
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0
-        if not args.resume:
-            return
-        for group in ckpt["optimizer"]["param_groups"]:  # fused or not as this device wants
-            group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
-        opt.load_state_dict(ckpt["optimizer"])
-        print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
-        if args.epochs != ckpt["args"]["epochs"]:  # README: a longer run, resumed
-            print(
-                f"note: --epochs {args.epochs} where the checkpoint's run had "
-                f"{ckpt['args']['epochs']}: epochs {ckpt['epoch'] + 1}-{args.epochs} train as "
-                f"those of a new {args.epochs}-epoch run (its rate, KL weight and L_K epochs)"
-            )
+        if args.resume:
+            for group in ckpt["optimizer"]["param_groups"]:  # fused or not as this device wants
+                group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
+            opt.load_state_dict(ckpt["optimizer"])
+            print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
 
     def add_row(self, stats, test, train_k, kl_weight, seconds):
-        """One epoch's row. stats: (batches, 3) per-image recon, KL, loss of each batch;
-        seconds: of the training steps and of the test evaluation."""
+        """One epoch's row of metrics.csv. stats: (batches, 3) per-image recon, KL, loss of each
+        batch; seconds: of the training steps and of the test evaluation."""
         recon, kl = stats[:, :2].mean(0).tolist()
-        self.steps = torch.cat([self.steps, stats[:, :2].cpu()])  # recon, KL of every step
         self.rows.append({
             "epoch": len(self.rows) + 1, "lr": self.opt.param_groups[0]["lr"],
-            "kl_weight": kl_weight, "train_k": train_k,
-            "train_recon": recon, "train_kl": kl, "train_neg_elbo": recon + kl,
-            **{f"test_{k}": v for k, v in test.items()},
-            "images_per_s": len(stats) * self.args.batch_size / seconds[0],
+            "kl_weight": kl_weight,
+            "train_k": train_k,  # K of the bound the epoch trained on (1: the ELBO)
+            "train_recon": recon, "train_kl": kl,
+            "train_neg_elbo": recon + kl,  # whatever the epoch trained on
+            **{f"test_{k}": v for k, v in test.items()},  # recon, kl, neg_elbo, active_units
+            "images_per_s": len(stats) * self.args.batch_size / seconds[0],  # of the steps
             "train_s": seconds[0], "test_s": seconds[1],
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
         })  # fmt: skip
@@ -456,20 +386,17 @@ class Saver:
     def epoch(self, grids, mu, y):
         """grids: {name: (images, nrow)}; mu: the test set's posterior means, y its labels."""
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
+        grids.update(latent_grids(self.model.decode, mu[0], mu))
         for name, (images, nrow) in grids.items():
             save_grid(images, a.out, name, nrow)
         self.frames.append(torch.from_numpy(grid_pixels(*grids["samples.png"])))
         save_gif(self.frames, os.path.join(a.out, "samples.gif"))
-        write_metrics(rows, a.out)
+        lines = [rows[0], *(r.values() for r in rows)]  # metrics.csv: the header, a row an epoch
+        csv = "".join(",".join(map(str, line)) + "\n" for line in lines).encode()
+        atomic_write(os.path.join(a.out, "metrics.csv"), lambda f: f.write(csv))
         if epoch == a.epochs or time.perf_counter() - self.drawn >= DRAW_EVERY_S:
-            figures = {
-                "loss.png": loss_figure(rows, self.steps),
-                "latent.png": latent_figure(mu, y),
-            }
-            labelled = latent_grids(self.model.decode, mu[0], mu)
-            figures.update((n, labelled_grid(*g)) for n, g in labelled.items())
-            for name, fig in figures.items():
-                save_figure(fig, os.path.join(a.out, name))
+            save_figure(loss_figure(rows), a.out, "loss.png")
+            save_figure(latent_figure(mu, y), a.out, "latent.png")
             self.drawn = time.perf_counter()
         self.checkpoint()
         print(epoch_line(rows[-1], a.epochs), flush=True)  # once the epoch is safe on disk
@@ -489,22 +416,10 @@ class Saver:
             "optimizer": {**opt, "state": param_state},  # on the CPU: readable without a GPU
             "epoch": self.rows[-1]["epoch"],  # epochs completed
             "metrics": self.rows,
-            "steps": self.steps,  # per-image recon and KL of every training step, for loss.png
             "frames": torch.stack(self.frames),  # samples.png of every epoch, for samples.gif
             "final": final,  # {"iwae_nll": ..., "iw_samples": K} once the bound is computed
         }
         atomic_write(a.checkpoint, lambda f: torch.save(state, f))
-
-
-def write_metrics(rows, out):
-    def write(f):
-        text = io.TextIOWrapper(f, newline="")
-        w = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-        text.detach()  # flushes; leaves `f` open for atomic_write
-
-    atomic_write(os.path.join(out, "metrics.csv"), write)
 
 
 CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "final")
@@ -528,8 +443,7 @@ def load_checkpoint(args, model_flags):
             raise UserError(f"refusing to load {path}: {why}") from None
         raise UserError(f"{path} is not a readable checkpoint: it may be truncated") from None
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != args.script:
@@ -547,7 +461,7 @@ def load_checkpoint(args, model_flags):
     return ckpt
 
 
-# ---- 4. Running: device, progress, Ctrl-C, errors
+# ---- Running: device, lines on stdout, Ctrl-C, errors
 
 
 def get_device(name):
@@ -569,9 +483,6 @@ def print_header(args, model, data):
         flush=True,
     )
     a = args
-    if a.kl_warmup >= a.epochs:
-        warning = f"--kl-warmup {a.kl_warmup} is not shorter than --epochs {a.epochs}: the KL"
-        print(f"warning: {warning} weight stays below --beta {a.beta:g}", file=sys.stderr)
     if "train_k" in a.explicit and a.train_k > 1 and a.train_k_after >= a.epochs:
         warning = f"--train-k {a.train_k} applies only after epoch {a.train_k_after} (--train-k-"
         print(f"warning: {warning}after), so this {a.epochs}-epoch run trains on the ELBO alone",
@@ -592,41 +503,42 @@ def epoch_line(r, epochs):
             f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s")  # fmt: skip
 
 
-def check_finite(losses, epoch, saver):
-    """Stop on a NaN/inf, saying what is on disk and the command that goes on at half the rate.
-    `losses`: of the epoch's batches, (batches,), the first bad one named (the one place where
-    training waits for the device); or the test loss after the epoch, which sees its last step."""
-    values = torch.as_tensor(losses).view(-1).tolist()
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+def check_finite(loss, epoch, saver):
+    """Stop on a NaN or inf loss, saying what is on disk and the command that goes on at half
+    the rate. `loss`: the epoch's batch losses (the one place where training waits for the
+    device), or the test loss after the epoch, which sees its last step."""
+    bad = [v for v in torch.as_tensor(loss).view(-1).tolist() if not math.isfinite(v)]
     if not bad:
         return
-    batch = not isinstance(losses, float)
-    where = f"at epoch {epoch}, batch {bad[0] + 1}" if batch else f"after epoch {epoch}'s last step"
-    what = f"the loss became {values[bad[0]]} {where}"
     a, saved = saver.args, len(saver.rows)  # every epoch before this one is on disk
     kept = f"{a.checkpoint} keeps epoch {saved}" if saved else "nothing was saved"
     go_on = command(a, *(["--resume"] if saved else []), "--lr", f"{a.lr / 2:g}")
-    raise UserError(f"{what}: training diverged; {kept}; try a lower rate: {go_on}")
+    what = f"the loss became {bad[0]} in epoch {epoch}: training diverged"
+    raise UserError(f"{what}; {kept}; try a lower rate: {go_on}")
 
 
 class Progress:
-    """A live line (done/total, loss, ETA) on a terminal or in Jupyter only (not in logs or
-    pipes), redrawn at most 4 times a second: the loss is read from the device only then."""
+    """A live line (done/total, loss) on a terminal or in Jupyter, not in a log or a pipe,
+    redrawn at most 4 times a second: only then is the loss read from the device."""
 
     def __init__(self, label, total):
         jupyter = type(sys.stdout).__module__.startswith("ipykernel")  # draws "\r" as a terminal
-        self.enabled, self.label, self.total = sys.stdout.isatty() or jupyter, label, total
-        self.start = self.last = time.perf_counter()
+        self.enabled, self.label, self.total, self.last = (
+            sys.stdout.isatty() or jupyter,
+            label,
+            total,
+            0.0,
+        )
 
     def update(self, done, loss=None):
         now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.25 and done < self.total):
-            return
-        self.last, rate = now, done / max(now - self.start, 1e-9)
-        line = f"{self.label}  {done}/{self.total}"
-        line += f"  loss {loss.item():7.2f}" if loss is not None else ""
-        line += f"  ETA {(self.total - done) / max(rate, 1e-9):4.0f}s "
-        print("\r" + (line if done < self.total else " " * len(line) + "\r"), end="", flush=True)
+        if self.enabled and (now - self.last >= 0.25 or done == self.total):
+            self.last = now
+            line = f"{self.label}  {done}/{self.total}"
+            line += f"  loss {loss.item():7.2f}" if loss is not None else ""
+            print(
+                "\r" + (line if done < self.total else " " * len(line) + "\r"), end="", flush=True
+            )
 
 
 class StopOnSignal:
@@ -678,10 +590,3 @@ def run(main, argv):
     except KeyboardInterrupt:  # before training started
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def exit_fast(code):
-    """sys.exit(code) without the garbage collector's last pass over every object torch and
-    matplotlib made (0.5 s a run, benchmarks/RESULTS.md); atexit handlers still run."""
-    gc.freeze()  # the objects alive now: never examined again, at exit included
-    sys.exit(code)

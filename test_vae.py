@@ -400,8 +400,8 @@ def test_end_to_end(name, data_dir, tmp_path, monkeypatch):
         "samples.png": grid_size(64, 8),
         "reconstructions.png": grid_size(32, 8),
         "interpolation.png": grid_size(8 * 12, 12),
-        "traversal.png": (184, 612),  # 2 rows (the latent's 2 dimensions) of 11
-        "manifold.png": (940, 990),  # 20 x 20, labelled
+        "traversal.png": grid_size(2 * 11, 11),  # 2 rows (the latent's 2 dimensions) of 11
+        "manifold.png": grid_size(20 * 20, 20),
         "latent.png": (500, 600),
         "loss.png": (400, 1000),
     }
@@ -410,7 +410,7 @@ def test_end_to_end(name, data_dir, tmp_path, monkeypatch):
     assert gif_frames(tmp_path / "samples.gif") == [grid_size(64, 8)] * 2  # one per epoch
     assert not [n for n in os.listdir(tmp_path) if n.startswith("samples_epoch")]
     rows = read_metrics(tmp_path)
-    assert len(rows) == 2 and set(rows[0]) == set(common.METRIC_FIELDS)
+    assert len(rows) == 2 and len(rows[0]) == 15
     assert all(math.isfinite(float(v)) for row in rows for v in row.values())
     t = rows[-1]
     test_terms = float(t["test_recon"]) + float(t["test_kl"])
@@ -465,11 +465,6 @@ def test_gaussian_warmup_and_schedules_run(data_dir, tmp_path, capsys):
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.002, 0.0015, 0.0005])
     assert float(rows[-1]["test_recon"]) > 784 * 0.5 * math.log(2 * math.pi)  # the constant
     assert "warning" not in capsys.readouterr().err
-    data = {"train": (torch.zeros(3),), "test": (torch.zeros(2),)}
-    common.print_header(
-        vae_mlp.get_args(["--kl-warmup", "5", "--epochs", "5"]), nn.Linear(1, 1), data
-    )
-    assert "warning: --kl-warmup 5 is not shorter than --epochs 5" in capsys.readouterr().err
 
 
 def test_a_typed_train_k_that_no_epoch_uses_is_warned_of(capsys):
@@ -623,18 +618,11 @@ def test_interrupted_in_epoch_1_returns_no_model(data_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals to another process")
-def test_sigterm_stops_the_command_which_exits_fast_and_resumes(data_dir, uninterrupted, tmp_path):
+def test_sigterm_stops_the_command_and_resumes(data_dir, uninterrupted, tmp_path):
     """As a job scheduler stops a run (SIGINT's 130 is tested in this process): exit 143 and one
-    line with the whole command that resumes. The command ends through common.exit_fast: the
-    objects alive are frozen (no collection at exit), yet an atexit handler still runs, and
-    what it prints (buffered, into a pipe) is there."""
+    line with the whole command that resumes."""
     argv = [os.path.join(HERE, "vae_mlp.py"), "--data-dir", data_dir, "--out", str(tmp_path)]
-    at_exit = "lambda: print('at exit, frozen:', gc.get_freeze_count() > 0)"
-    wrapper = (  # `python vae_mlp.py ARGV` with an atexit handler, as a profiler would add one
-        f"import atexit, gc, runpy, sys; atexit.register({at_exit}); "
-        f"sys.argv = {[*argv, *RESUMABLE]!r}; runpy.run_path({argv[0]!r}, run_name='__main__')"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *argv, *RESUMABLE], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     for line in proc.stdout:
         if line.startswith("epoch   1/3"):
@@ -642,7 +630,6 @@ def test_sigterm_stops_the_command_which_exits_fast_and_resumes(data_dir, uninte
             break
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert out.splitlines()[-1] == "at exit, frozen: True"
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"{tmp_path}/checkpoint.pt holds epoch 1; resume with: python vae_mlp.py " in err
     resume = shlex.split(err.split("resume with: ")[1])  # the whole command, as printed
@@ -669,14 +656,14 @@ def test_ctrl_c_in_the_final_bound_stops_at_once(data_dir, tmp_path, monkeypatch
     assert load(tmp_path / "checkpoint.pt")["epoch"] == 1  # the trained model is kept
 
 
-def test_nan_loss_stops_with_epoch_batch_and_keeps_checkpoint(data_dir, tmp_path, capsys):
+def test_nan_loss_stops_with_the_epoch_and_keeps_checkpoint(data_dir, tmp_path, capsys):
     train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
     argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--resume", "--epochs", "20"]
     code, err = exit_of(vae_mlp.main, [*argv, "--lr", "1e6"], capsys)
     go_on = shlex.split(err.split("try a lower rate: ")[1])  # the whole command
     expected = ["--data-dir", data_dir, "--epochs", "20", "--resume", "--lr", "500000"]
     assert code == 1 and go_on == ["python", "vae_mlp.py", *expected, "--out", str(tmp_path)]
-    assert err.count("\n") == 1 and "at epoch 2, batch" in err  # the first bad one
+    assert err.count("\n") == 1 and "the loss became nan in epoch 2: training" in err
     assert f"{tmp_path / 'checkpoint.pt'} keeps epoch 1;" in err  # what is on disk
     ckpt = load(tmp_path / "checkpoint.pt")  # the last good one
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -686,7 +673,7 @@ def test_nan_loss_in_epoch_1_says_nothing_was_saved(data_dir, tmp_path, capsys):
     train(vae_mlp, data_dir, tmp_path / "old", "--iw-samples", "0")  # an older run is there
     argv = ["--data-dir", data_dir, "--out", str(tmp_path / "old"), "--lr", "1e30"]
     code, err = exit_of(vae_mlp.main, argv, capsys)
-    assert code == 1 and "at epoch 1, batch" in err and "nothing was saved" in err
+    assert code == 1 and "in epoch 1: training diverged; nothing was saved" in err
     assert "keeps" not in err and not (tmp_path / "old" / "checkpoint.pt").exists()
     go_on = shlex.split(err.split("try a lower rate: ")[1])  # a new run: no --resume
     assert go_on == ["python", "vae_mlp.py", *argv[:2], "--lr", "5e+29", "--out", argv[3]]
@@ -731,11 +718,11 @@ def test_a_diverged_last_step_is_caught_before_anything_is_drawn_or_saved(
     argv += ["--batch-size", str(N_TRAIN)]
     code, err = exit_of(vae_mlp.main, [*argv, "--lr", "1e30"], capsys)
     assert code == 1 and err.count("\n") == 1
-    assert "after epoch 1's last step: training diverged; nothing was saved" in err
+    assert "in epoch 1: training diverged; nothing was saved" in err
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "latent.png").exists()
     assert vae_mlp.main([*argv, "--epochs", "1"])["exit_code"] == 0
     code, err = exit_of(vae_mlp.main, [*argv, "--resume", "--epochs", "3", "--lr", "1e30"], capsys)
-    assert code == 1 and f"after epoch 2's last step: training diverged; {tmp_path}" in err
+    assert code == 1 and f"in epoch 2: training diverged; {tmp_path}" in err
     assert "keeps epoch 1;" in err
     ckpt = load(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -744,17 +731,11 @@ def test_a_diverged_last_step_is_caught_before_anything_is_drawn_or_saved(
 
 def test_a_longer_resumed_run_trains_as_the_longer_run(data_dir, tmp_path, capsys):
     """README: after --epochs 2, --resume --epochs 6 trains epochs 3-6 as a new 6-epoch run
-    trains them: its rate, KL weight and L_K epochs; and says so in one line."""
+    trains them: its rate, KL weight and L_K epochs."""
     argv = ["--data-dir", data_dir, "--out", str(tmp_path), "--iw-samples", "0", "--train-k", "2"]
     argv += ["--train-k-after", "1", "--kl-warmup", "3", "--batch-size", "64"]
     assert vae_mlp.main([*argv, "--epochs", "2"])["exit_code"] == 0
-    capsys.readouterr()
     rows = vae_mlp.main([*argv, "--resume", "--epochs", "6"])["metrics"]
-    notes = [line for line in capsys.readouterr().out.splitlines() if "--epochs 6" in line]
-    assert notes == [
-        "note: --epochs 6 where the checkpoint's run had 2: epochs 3-6 train as those of a new "
-        "6-epoch run (its rate, KL weight and L_K epochs)"
-    ]
     six = vae_mlp.get_args([*argv, "--epochs", "6"])
     two = vae_mlp.get_args([*argv, "--epochs", "2"])
     runs = [(two, 1), (two, 2), *((six, epoch) for epoch in range(3, 7))]
@@ -854,12 +835,12 @@ def bad_cases(tmp):
     bad_data("3 of the 4 files", d, "lacks t10k-labels-idx1-ubyte.gz")
     bad_data("no data", os.path.join(tmp, "empty"), "MNIST/raw")
     case("--data-dir is a file", ["--data-dir", f(good, "train-images-idx3-ubyte"), "--out",
-         f(tmp, "df")], "data not found in")  # fmt: skip
+         f(tmp, "df")], "no mnist data")  # fmt: skip
     x, _ = tiny_split(N_TRAIN - 1, 1)
     d = data("counts", lambda d: open(f(d, "train-images-idx3-ubyte"), "wb").write(idx_bytes(x)))
     bad_data("images and labels of different counts", d, "labels")
     bad_data("images not 28x28", data("size", None, size=32), "32x32 images, not 28x28")
-    bad_data("a 1-image test set", data("one", None, n_test=1), "1 images, fewer than 2")
+    bad_data("a 1-image test set", data("one", None, n_test=1), "1 test images, fewer than 2")
     case("--batch-size above the training set", ["--data-dir", good, "--out", f(tmp, "bs"),
          "--batch-size", "1000"], "fewer than 1000")  # fmt: skip
     blocker = f(tmp, "a-file")
@@ -1078,7 +1059,7 @@ def test_figures_are_drawn_after_the_last_epoch_and_every_few_minutes(
     that ends DRAW_EVERY_S or more after they were last drawn."""
     drawn, loss_figure = [], common.loss_figure
     monkeypatch.setattr(
-        common, "loss_figure", lambda rows, s: drawn.append(len(rows)) or loss_figure(rows, s)
+        common, "loss_figure", lambda rows: drawn.append(len(rows)) or loss_figure(rows)
     )
     argv = ("--epochs", "2", "--iw-samples", "0")
     train(vae_mlp, data_dir, tmp_path / "a", *argv)
@@ -1092,7 +1073,7 @@ def test_figures_are_drawn_after_the_last_epoch_and_every_few_minutes(
 def test_metrics_columns_measure_what_they_say(data_dir, tmp_path):
     result = train(vae_mlp, data_dir, tmp_path, "--epochs", "2", "--train-k", "3", "--beta", "2")
     rows = read_metrics(tmp_path)
-    assert list(rows[0]) == common.METRIC_FIELDS and [r["train_k"] for r in rows] == ["3", "3"]
+    assert [r["train_k"] for r in rows] == ["3", "3"]
     for row in rows:  # the -ELBO's terms, whatever the epochs trained on (here L_3, beta 2)
         terms = float(row["train_recon"]) + float(row["train_kl"])
         assert float(row["train_neg_elbo"]) == pytest.approx(terms)
@@ -1130,9 +1111,8 @@ def test_traversal_sweeps_one_dimension_per_row():
     with torch.no_grad():
         mu0 = model.encode(x)[0][0]  # the first test image's posterior mean
     pictures = common.latent_grids(model.decode, mu0, mu_test)
-    images, nrow, x_axis, y_axis = pictures["traversal.png"]
-    assert nrow == 11 and y_axis[1] == [f"z[{u}]" for u in range(11, 1, -1)]  # 10, most first
-    assert x_axis[1] == pytest.approx([-2.5 + 0.5 * i for i in range(11)])
+    images, nrow = pictures["traversal.png"]
+    assert nrow == 11 and len(images) == 10 * 11  # the 10 most used dimensions, most first
     with torch.no_grad():
         mu = model.encode(x)[0][0]  # the first test image's posterior mean
         for row, u in enumerate(range(11, 1, -1)):
@@ -1142,18 +1122,17 @@ def test_traversal_sweeps_one_dimension_per_row():
             torch.testing.assert_close(images[row * 11 : (row + 1) * 11], expected)
 
 
-def test_manifold_covers_the_test_means_with_its_values_on_the_axes():
+def test_manifold_covers_the_test_means():
     torch.manual_seed(0)
     model = vae_mlp.VAE(latent_dim=2).eval()
     mu_test = torch.tensor([[-3.0, 0.5], [1.0, -1.0], [2.0, 4.0]])
     pictures = common.latent_grids(model.decode, torch.zeros(2), mu_test)
-    images, nrow, (xl, x_values), (yl, y_values) = pictures["manifold.png"]
-    assert (xl, yl, nrow, images.shape) == ("z[0]", "z[1]", 20, (400, 1, 28, 28))
-    assert x_values == pytest.approx(torch.linspace(-3, 2, 20).tolist())  # left to right
-    assert y_values == pytest.approx(torch.linspace(4, -1, 20).tolist())  # top to bottom
-    with torch.no_grad():  # row 0 is the top: z[1] = 4; its first column z[0] = -3
-        corner = torch.sigmoid(model.decode(torch.tensor([[-3.0, 4.0]])))
-    torch.testing.assert_close(images[:1], corner)
+    images, nrow = pictures["manifold.png"]
+    assert (nrow, images.shape) == (20, (400, 1, 28, 28))
+    corners = torch.tensor([[-3.0, 4.0], [2.0, 4.0], [-3.0, -1.0], [2.0, -1.0]])
+    with torch.no_grad():  # row 0 is the top: z[1] = 4; z[0] grows left to right
+        expected = torch.sigmoid(model.decode(corners))
+    torch.testing.assert_close(images[[0, 19, 380, 399]], expected)
 
 
 @pytest.mark.parametrize("module", SCRIPTS.values())
@@ -1264,7 +1243,7 @@ def test_no_torchvision_and_no_matplotlib_until_needed(data_dir, tmp_path, monke
     def marked(draw):  # where the drawing of a figure starts
         return lambda *args, **kwargs: seen.append("FIGURE") or draw(*args, **kwargs)
 
-    for name in ("loss_figure", "latent_figure", "labelled_grid"):
+    for name in ("loss_figure", "latent_figure"):
         monkeypatch.setattr(common, name, marked(getattr(common, name)))
     monkeypatch.setattr(builtins, "__import__", spy)
     train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")
@@ -1319,46 +1298,32 @@ def test_the_scripts_are_twins_outside_the_model():
     assert shared("vae_mlp.py") == shared("vae_conv.py")
 
 
-def test_printed_commands_are_quoted_for_the_platforms_shell(monkeypatch):
-    """cmd.exe keeps POSIX quotes as part of a path: on Windows, its own quoting."""
-    args = vae_mlp.get_args(["--out", "results\\vae mlp", "--data-dir", "C:\\data"])
-    words = [
-        "python",
-        "vae_mlp.py",
-        "--data-dir",
-        "C:\\data",
-        "--resume",
-        "--out",
-        "results\\vae mlp",
-    ]
-    monkeypatch.setattr(common, "WINDOWS", True)
-    line = 'python vae_mlp.py --data-dir C:\\data --resume --out "results\\vae mlp"'
-    assert common.command(args, "--resume") == line
-    monkeypatch.setattr(common, "WINDOWS", False)
-    assert shlex.split(common.command(args, "--resume")) == words
+def test_printed_commands_are_quoted_for_the_shell():
+    args = vae_mlp.get_args(["--out", "results/vae mlp", "--data-dir", "my data", "--lr=0.01"])
+    words = ["python", "vae_mlp.py", "--data-dir", "my data", "--lr=0.01", "--resume"]
+    assert shlex.split(common.command(args, "--resume")) == [*words, "--out", "results/vae mlp"]
 
 
 def test_no_torchvision_and_no_data_is_one_line(tmp_path, monkeypatch):
     """README: torchvision is needed only to download."""
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
     args = vae_mlp.get_args(["--data-dir", str(tmp_path)])
-    with pytest.raises(common.UserError, match="not found in .* and could not be downloaded"):
+    with pytest.raises(common.UserError, match="no mnist data: .*/ lacks train-images"):
         common.load_data(args, "cpu")
     write_idx(tmp_path / "MNIST" / "raw")
     assert len(common.load_data(args, "cpu")["test"][0]) == N_TEST  # files on disk: no need
 
 
-def test_loss_png_shows_the_epochs_after_the_first():
-    """The first steps (hundreds of nats) are off the y axis, which fits the rest."""
-    recon = torch.cat([torch.linspace(540, 90, 10), torch.linspace(90, 80, 20)])  # 3 epochs
-    steps = torch.stack([recon, torch.full((30,), 20.0)], 1)  # per-step recon, KL
-    rows = [{"epoch": e, "test_recon": 75.0 - e, "test_kl": 20.0, "test_neg_elbo": 95.0 - e}
+def test_loss_png_draws_each_term_of_each_epoch():
+    terms = {"recon": 1.0, "kl": 2.0, "neg_elbo": 3.0}
+    rows = [{"epoch": e, **{f"{s}_{k}": v * e for s in ("train", "test") for k, v in terms.items()}}
             for e in (1, 2, 3)]  # fmt: skip
-    total, terms = common.loss_figure(rows, steps).axes
-    assert 110 <= total.get_ylim()[1] < 120 and total.get_ylim()[0] <= 92
-    assert 90 <= terms.get_ylim()[1] < 100 and terms.get_ylim()[0] <= 20
-    names = [t.get_text() for t in terms.get_legend().get_texts()]
-    assert names == ["train recon", "test recon", "train KL", "test KL"]
+    total, terms = common.loss_figure(rows).axes
+    lines = {
+        line.get_label(): line.get_ydata().tolist() for ax in (total, terms) for line in ax.lines
+    }
+    assert lines == {f"{s} {n}": [v, 2 * v, 3 * v] for s in ("train", "test")
+                     for n, v in (("recon", 1), ("KL", 2), ("-ELBO", 3))}  # fmt: skip
 
 
 def test_the_readme_results_are_the_benchmark_records():

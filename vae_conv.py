@@ -26,8 +26,7 @@ MODEL_FLAGS = ("channels", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds
 
 def get_args(argv=()):
     # fmt: off
-    p = common.ArgumentParser(f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter, allow_abbrev=False)
+    p = common.ArgumentParser(f"{SCRIPT}.py", __doc__.split("\n\n")[0])
     pos_int, pos_float = common.positive_int, common.positive_float
     g = p.add_argument_group("model")
     g.add_argument("--channels", type=pos_int, default=32, help="channels of conv 1 (2x in conv 2)")
@@ -360,4 +359,4 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    common.exit_fast(common.run(main, sys.argv[1:]))
+    sys.exit(common.run(main, sys.argv[1:]))
