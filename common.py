@@ -40,6 +40,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "0 or more")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
 seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
+multiple_of_4 = _number(int, lambda v: v > 0 and v % 4 == 0, "a multiple of 4 for the conv net")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -83,7 +84,7 @@ NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same 
 
 def parse_args(parser, argv, script):
     args = parser.parse_args(list(argv))
-    args.script, args.argv = script, list(argv)
+    args.script, args.argv, args.shape = script, list(argv), None  # shape: the data's (C, H, W)
     # the flags typed (allow_abbrev=False: no prefixes), so that they win over a checkpoint's
     options = ((a.dest, s) for a in parser._actions for s in a.option_strings)
     args.explicit = sorted({d for d, s in options if any(w.split("=")[0] == s for w in argv)})
@@ -104,6 +105,8 @@ def default_out(parser, args):
                 text = f"{value:g}" if isinstance(value, float) else str(value)
                 sep = "-" if isinstance(value, str) else ""  # beta4, likelihood-gaussian
                 words.append(f"{a.option_strings[0][2:]}{sep}{text}")
+                if value == "folder":  # named by the images' folder: vae_conv-folder-myimgs
+                    words[-1] = "folder-" + os.path.basename(os.path.abspath(args.data_dir))
                 if group.title in ("loss", "training") and a.dest not in MUST_MATCH:
                     loose.append(words[-1])
 
@@ -134,29 +137,74 @@ def command(args, *flags):
     return shlex.join([*words, *flags, "--out", args.out])
 
 
-# ---- Data: one uint8 tensor per split, checked, moved to the device once
+# ---- Data: the images of each split in one uint8 tensor, checked, moved to the device once
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}  # torchvision's <dir>/<name>/raw/
-TEST_BINARIZE_SEED = 0  # the binarized test set is the same in every run, whatever --seed
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what --dataset folder reads
+TEST_SEED = 0  # the binarized test set, and a folder's test split, the same whatever --seed
 
 
 def load_data(args, device):
-    """{'train': (x, y), 'test': (x, y)}: x uint8 (N, 1, 28, 28) on the device, y int64.
-    With --binarize dynamic the test images are 0/255, sampled once with a fixed seed."""
-    data = read_mnist(args)
+    """{'train': (x, y), 'test': (x, y)}: x uint8 (N, C, H, W) on the device, y int64 labels
+    (-1: none), and args.shape = (C, H, W). With --binarize dynamic the test images are 0/255,
+    sampled once with a fixed seed."""
+    data = read_folder(args) if args.dataset == "folder" else read_mnist(args)
     for split, (x, y) in data.items():
         least = args.batch_size if split == "train" else 2
         if len(x) < least:
-            raise UserError(f"{args.dataset}: {len(x)} {split} images, fewer than {least}")
+            raise UserError(f"{args.data_dir}: {len(x)} {split} images, fewer than {least}")
         if split == "test" and args.binarize == "dynamic":
-            g = torch.Generator().manual_seed(TEST_BINARIZE_SEED)
+            g = torch.Generator().manual_seed(TEST_SEED)
             x = (torch.bernoulli(x / 255.0, generator=g) * 255).to(torch.uint8)
         data[split] = (x.to(device), y.to(device))
+    shape = tuple(x.shape[1:])
+    if args.shape and tuple(args.shape) != shape:
+        raise UserError(f"the images are {shape}, the checkpoint's model takes {tuple(args.shape)}")
+    args.shape = shape
     return data
+
+
+def read_folder(args):
+    """Every image under --data-dir (DIR/train/ and DIR/test/ if both are there, else a fixed
+    10% of them is the test set), centre-cropped to a square and resized to --image-size.
+    Labels: the subfolders' names (DIR/cats/1.png), -1 without. Grey if every image is grey."""
+    from PIL import Image, ImageOps
+
+    tops = [os.path.join(args.data_dir, s) for s in ("train", "test")]
+    tops = tops if all(map(os.path.isdir, tops)) else [args.data_dir]
+    files = [(top, os.path.join(folder, name)) for top in tops
+             for folder, _, names in sorted(os.walk(top)) for name in sorted(names)
+             if name.lower().endswith(IMAGE_FILES)]  # fmt: skip
+    if not files:
+        raise UserError(f"no images under {args.data_dir}/ (--dataset folder reads {IMAGE_FILES})")
+    images, kept, bad, size = [], [], [], (args.image_size,) * 2
+    bar = Progress(f"reading {len(files)} images", len(files))
+    for i, (top, path) in enumerate(files):
+        try:
+            with Image.open(path) as image:  # transparent pixels: black, as MNIST's background
+                rgba = Image.alpha_composite(Image.new("RGBA", image.size), image.convert("RGBA"))
+                pixels = ImageOps.fit(rgba.convert("RGB"), size, Image.LANCZOS).tobytes()
+            images.append(torch.frombuffer(bytearray(pixels), dtype=torch.uint8))
+            kept.append((top, os.path.relpath(path, top).split(os.sep)))
+        except Exception as e:  # not an image after all, truncated, ...
+            bad.append(f"{path} ({type(e).__name__})")
+        bar.update(i + 1)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable images, such as {bad[0]}", file=sys.stderr)
+    x = torch.stack(images).view(-1, *size, 3).permute(0, 3, 1, 2)  # (N, 3, S, S)
+    x = x[:, :1] if (x == x[:, :1]).all() else x  # grey: R = G = B in every image
+    names = sorted({parts[0] for _, parts in kept if len(parts) > 1})
+    y = torch.tensor([names.index(p[0]) if len(p) > 1 else -1 for _, p in kept])
+    if len(tops) == 2:
+        test = torch.tensor([top == tops[1] for top, _ in kept])
+    else:  # a fixed 10%, the same in every run
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(TEST_SEED))
+        test = torch.isin(torch.arange(len(x)), order[: len(x) // 10])
+    return {"train": (x[~test].contiguous(), y[~test]), "test": (x[test].contiguous(), y[test])}
 
 
 def read_mnist(args):
@@ -242,17 +290,17 @@ def prepare_out(args, start):
 
 
 def grid_pixels(images, nrow=None, padding=2):
-    """(N, 1, H, W) images in [0, 1] as one uint8 grid, laid out as torchvision's save_image
-    lays it out (a test checks it): importing torchvision would take seconds."""
-    n, _, h, w = images.shape
+    """(N, C, H, W) images in [0, 1] as one uint8 grid, (H', W') grey or (H', W', 3), laid out as
+    torchvision's save_image lays it out (a test checks it): importing torchvision takes seconds."""
+    n, c, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
-    cells = torch.zeros(rows * cols, h + padding, w + padding)  # each image below/right of a gap
-    cells[:n, padding:, padding:] = images.detach().float().cpu()[:, 0]
-    grid = cells.view(rows, cols, h + padding, w + padding).transpose(1, 2)
-    grid = grid.reshape(rows * (h + padding), cols * (w + padding))
-    grid = torch.nn.functional.pad(grid, (0, padding, 0, padding))  # the last gaps
-    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    cells = torch.zeros(rows * cols, c, h + padding, w + padding)  # an image below/right of a gap
+    cells[:n, :, padding:, padding:] = images.detach().float().cpu()
+    grid = cells.view(rows, cols, c, h + padding, w + padding).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * (h + padding), cols * (w + padding), c)
+    grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))  # the last gaps
+    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).squeeze(2).numpy()
 
 
 def save_grid(images, out, name, nrow=None):
@@ -300,7 +348,8 @@ def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
 
 
 def latent_figure(mu, y):
-    """Test-set means of q(z|x) coloured by label; the first two principal components above 2-D."""
+    """Test-set means of q(z|x) coloured by label (-1: none); above 2-D, the first two principal
+    components."""
     mu, y = mu.float().cpu(), y.cpu()
     if mu.shape[1] == 1:
         points, labels = torch.stack([mu[:, 0], y.float()], 1), ("z[0]", "label")
@@ -313,10 +362,11 @@ def latent_figure(mu, y):
         share = (s[:2] ** 2 / (s**2).sum() * 100).tolist()
         labels = tuple(f"PC {i + 1} ({p:.0f}% of variance)" for i, p in enumerate(share))
     fig, ax = figure(6, 5, margins=(0.8, 0.6, 0.9, 0.4))
-    for label in range(10):  # one colour per label; a plot draws 3x faster than a scatter
+    for label in y.unique().tolist():  # one colour per label; a plot draws 3x faster than a scatter
         x0, x1 = points[y == label].T
-        ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label}", label=str(label))
-    ax.legend(title="label", loc="center left", bbox_to_anchor=(1, 0.5), markerscale=6)
+        ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label % 10}", label=str(label))
+    if y.max() >= 0:
+        ax.legend(title="label", loc="center left", bbox_to_anchor=(1, 0.5), markerscale=6)
     ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
     return fig
 
@@ -423,8 +473,8 @@ class Saver:
 
 
 CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "final")
-MUST_MATCH = ("dataset", "likelihood", "binarize")  # besides the model's own flags
-RUN_FLAGS = ("script", "out", "checkpoint", "resume", "eval_only", "generate", "data_dir", "device")
+MUST_MATCH = ("dataset", "image_size", "likelihood", "binarize")  # besides the model's own flags
+RUN_FLAGS = ("script", "out", "checkpoint", "resume", "eval_only", "generate", "device")
 
 
 def load_checkpoint(args, model_flags):
@@ -474,11 +524,11 @@ def get_device(name):
 
 
 def print_header(args, model, data):
-    n_params = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
+    n_params, (x, _) = sum(p.numel() for p in model.parameters()), data["train"]
+    (c, h, w), data_set = x.shape[1:], args.data_dir if args.dataset == "folder" else args.dataset
     print(
-        f"{args.script}: {n_params:,} parameters on {device}; {args.dataset} "
-        f"{len(data['train'][0])} train / {len(data['test'][0])} test images, binarize "
+        f"{args.script}: {n_params:,} parameters on {x.device}; {data_set}: {len(x)} train / "
+        f"{len(data['test'][0])} test images, {'grey' if c == 1 else 'RGB'} {h}x{w}, binarize "
         f"{args.binarize}, {args.likelihood} likelihood; writing to {args.out}/",
         flush=True,
     )

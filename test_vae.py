@@ -442,16 +442,17 @@ def gif_frames(path):
         return [f.size[::-1] for f in ImageSequence.Iterator(gif)]
 
 
-@pytest.mark.parametrize("n, nrow, padding", [(64, 8, 2), (10, None, 2), (7, 12, 2), (9, 3, 0)])
-def test_grids_are_laid_out_as_torchvision_does(n, nrow, padding, tmp_path):
+@pytest.mark.parametrize("n, nrow, padding, c", [(64, 8, 2, 1), (10, None, 2, 3), (7, 12, 2, 1),
+                                                 (9, 3, 0, 3)])  # fmt: skip
+def test_grids_are_laid_out_as_torchvision_does(n, nrow, padding, c, tmp_path):
     from torchvision.utils import save_image
 
-    images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    images = torch.rand(n, c, 28, 20, generator=torch.Generator().manual_seed(n))
     ours = common.grid_pixels(images, nrow, padding)
     save_image(
         images, tmp_path / "theirs.png", nrow=nrow or math.ceil(math.sqrt(n)), padding=padding
     )
-    theirs = (imread(tmp_path / "theirs.png")[..., 0] * 255).round()
+    theirs = (imread(tmp_path / "theirs.png")[..., :c] * 255).round().reshape(ours.shape)
     assert ours.shape == theirs.shape and (ours == theirs).all()
     common.save_grid(images, str(tmp_path), "ours.png", nrow)  # and as a PNG file
     assert ((imread(tmp_path / "ours.png") * 255).round() == common.grid_pixels(images, nrow)).all()
@@ -469,7 +470,7 @@ def test_gaussian_warmup_and_schedules_run(data_dir, tmp_path, capsys):
 
 def test_a_typed_train_k_that_no_epoch_uses_is_warned_of(capsys):
     """`vae_conv.py --epochs 2 --train-k 5` trains on the ELBO alone: the header says so."""
-    data = {"train": (torch.zeros(3),), "test": (torch.zeros(2),)}
+    data = {"train": (torch.zeros(3, 1, 28, 28), None), "test": (torch.zeros(2, 1, 28, 28), None)}
     for argv, warned in (
         (["--epochs", "2", "--train-k", "5"], True),
         (["--epochs", "11", "--train-k", "5"], False),  # epoch 11 trains on L_5
@@ -1290,9 +1291,10 @@ def test_the_scripts_are_twins_outside_the_model():
         start, end = text.index("class VAE(nn.Module):"), text.index("    def encode(self, x):")
         text = text[:start] + text[end:]  # the model's layers
         flags = ("channels", "hidden-dim", "latent-dim", "lr", "batch-size", "train-k")
-        flags += ("train-k-after",)
+        flags += ("train-k-after", "image-size")
         own = [*(f'"--{f}",' for f in flags), "vae_mlp", "vae_conv", "MODEL_FLAGS ="]
         own += ["fully-connected", "convolutional", "Adam's learning rate (", "Adam step ("]
+        own += ["side of a folder's images"]
         return [line for line in text.splitlines() if not any(w in line for w in own)]
 
     assert shared("vae_mlp.py") == shared("vae_conv.py")
@@ -1465,3 +1467,115 @@ def test_gpu_check_runs_on_a_cpu_and_reports_every_case(data_dir, tmp_path):
     assert (verdict, files, difference) == ("PASS", "all present", "0.00")
     assert dev_elbo == cpu_elbo == elbo and dev_wall == cpu_wall == default[0][0]  # one run
     assert 0 < float(dev_wall) and quality == [["skipped: not in --cases"]]
+
+
+# ----------------------------------------------------------------------------
+# Your own images: --dataset folder
+
+
+def draw_images(folder, n, colour, seed=0):
+    """n PIL-drawn images of mixed sizes and modes: a disc on a background, grey or coloured."""
+    from PIL import Image, ImageDraw
+
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        w, h, r, c = (int(v) for v in torch.randint(20, 60, (4,), generator=g))
+        mode = ("RGB", "RGBA", "P")[i % 3] if colour else ("L", "RGB")[i % 2]
+        image = Image.new("RGB", (w, h), (c, c, c))
+        fill = (255, 4 * c, 0) if colour else (250, 250, 250)
+        ImageDraw.Draw(image).ellipse((w // 4, h // 4, w // 4 + r // 2, h // 4 + r // 2), fill)
+        image.convert(mode).save(os.path.join(folder, f"{i:03d}.{('png', 'bmp')[i % 2]}"))
+
+
+def test_a_folder_of_colour_images_trains_resumes_and_generates(tmp_path, monkeypatch, capsys):
+    """Labels from subfolders, a fixed 10% test split, RGB pictures, the folder in the default
+    --out, the shape in the checkpoint: --generate needs no images."""
+    draw_images(tmp_path / "shapes" / "red", 30, colour=True)
+    draw_images(tmp_path / "shapes" / "grey", 20, colour=False, seed=1)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "folder", "--data-dir", "shapes", "--image-size", "16"]
+    argv += ["--batch-size", "8", "--iw-samples", "2", "--latent-dim", "2"]
+    for name, module in SCRIPTS.items():
+        capsys.readouterr()
+        assert module.main([*argv, "--epochs", "1"])["exit_code"] == 0
+        out = tmp_path / "results" / f"{name}-latent-dim2-folder-shapes-image-size16-batch-size8"
+        header = capsys.readouterr().out.splitlines()[0]
+        assert "shapes: 45 train / 5 test images, RGB 16x16" in header, header
+        result = module.main([*argv, "--epochs", "2", "--resume"])
+        assert result["exit_code"] == 0 and len(result["metrics"]) == 2
+        samples = imread(out / "samples.png")
+        assert samples.shape == (*grid_size(64, 8, size=16), 3)
+        assert not (samples[..., 0] == samples[..., 1]).all()  # in colour
+        for png in ("traversal.png", "manifold.png", "interpolation.png", "latent.png"):
+            assert imread(out / png).shape[2] in (3, 4), png
+        assert load(out / "checkpoint.pt")["config"]["shape"] == (3, 16, 16)
+        os.rename("shapes", "elsewhere")  # sampling needs only the checkpoint
+        assert module.main([*argv, "--generate", "9"])["exit_code"] == 0
+        assert imread(out / "generated.png").shape == (*grid_size(9, 3, size=16), 3)
+        os.rename("elsewhere", "shapes")
+
+
+def test_the_folder_split_and_labels(tmp_path):
+    draw_images(tmp_path / "a" / "cats", 25, colour=False)
+    draw_images(tmp_path / "a" / "dogs", 15, colour=False, seed=1)
+    for seed in ("1", "7"):  # the same test images whatever --seed
+        argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "a"), "--batch-size", "8"]
+        data = common.load_data(vae_mlp.get_args([*argv, "--seed", seed]), "cpu")
+        (x, y), (x_test, y_test) = data["train"], data["test"]
+        assert x.shape == (36, 1, 32, 32) and x_test.shape == (4, 1, 32, 32)  # grey: one channel
+        assert sorted(y.tolist() + y_test.tolist()) == [0] * 25 + [1] * 15  # cats 0, dogs 1
+        if seed == "1":
+            first = x_test
+        assert torch.equal(x_test, first)
+    draw_images(tmp_path / "b" / "train", 12, colour=True)  # train/ and test/: the two splits
+    draw_images(tmp_path / "b" / "test", 3, colour=True, seed=1)
+    args = vae_mlp.get_args(["--dataset", "folder", "--data-dir", str(tmp_path / "b")])
+    args.batch_size = 4
+    data = common.load_data(args, "cpu")
+    assert data["train"][0].shape == (12, 3, 32, 32) and data["test"][0].shape == (3, 3, 32, 32)
+    assert (data["test"][1] == -1).all() and args.shape == (3, 32, 32)  # no labels
+    fig = common.latent_figure(torch.randn(3, 4), data["test"][1])  # one colour, no legend
+    assert fig.axes[0].get_legend() is None and len(fig.axes[0].lines) == 1
+
+
+def test_mnist_exported_as_png_is_the_idx_data(tmp_path):
+    """train/<label>/<i>.png and test/...: at --image-size 28 the very same uint8 tensors."""
+    from PIL import Image
+
+    write_idx(tmp_path / "idx")
+    args = vae_mlp.get_args(["--data-dir", str(tmp_path / "idx")])
+    idx = common.load_data(args, "cpu")
+    for split, (x, y) in idx.items():
+        for i, (image, label) in enumerate(zip(x, y.tolist())):
+            os.makedirs(tmp_path / "png" / split / str(label), exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(
+                tmp_path / "png" / split / str(label) / f"{i:05d}.png"
+            )
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "png"), "--image-size", "28"]
+    png = common.load_data(vae_mlp.get_args(argv), "cpu")
+    for split, (x, y) in idx.items():
+        order = y.argsort(stable=True)  # the folder's order: by label, then by file name
+        assert torch.equal(png[split][0], x[order]) and torch.equal(png[split][1], y[order])
+
+
+def test_bad_folders_are_one_line(tmp_path, capsys):
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    draw_images(tmp_path / "few", 10, colour=True)
+    draw_images(tmp_path / "broken", 40, colour=True)
+    (tmp_path / "broken" / "bad.png").write_bytes(b"\x89PNG not really")
+    cases = [
+        (vae_mlp, ["--data-dir", str(tmp_path / "empty")], 1, "no images under"),
+        (vae_mlp, ["--data-dir", str(tmp_path / "few")], 1, "9 train images, fewer than 128"),
+        (vae_conv, ["--data-dir", str(tmp_path / "few"), "--image-size", "30"], 2, "multiple of 4"),
+    ]
+    for module, argv, code, words in cases:
+        argv = ["--dataset", "folder", *argv, "--out", str(tmp_path / "out")]
+        got, err = exit_of(module.main, argv, capsys)
+        assert got == code and err.count("\n") == 1 and words in err, err
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "broken"), "--batch-size", "8"]
+    argv += ["--epochs", "1", "--iw-samples", "0", "--out", str(tmp_path / "out")]
+    assert vae_mlp.main(argv)["exit_code"] == 0
+    err = capsys.readouterr().err  # skipped with a count, the file named
+    assert f"warning: skipped 1 unreadable images, such as {tmp_path}/broken/bad.png" in err

@@ -21,7 +21,7 @@ import common  # plumbing only: data files, pictures, checkpoint files, device, 
 # ---- Config: every setting that changes the math, with its default
 
 SCRIPT = "vae_conv"
-MODEL_FLAGS = ("channels", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds the model
+MODEL_FLAGS = ("shape", "channels", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds it
 
 
 def get_args(argv=()):
@@ -33,8 +33,11 @@ def get_args(argv=()):
     g.add_argument("--hidden-dim", type=pos_int, default=256, help="width of each FC layer")
     g.add_argument("--latent-dim", type=pos_int, default=32, help="dim of z (2 adds manifold.png)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="or clothes")
-    g.add_argument("--data-dir", default="./data", help="holds MNIST/raw/ or the 4 IDX files")
+    g.add_argument("--dataset", choices=["mnist", "fashion", "folder"], default="mnist",
+                   help="fashion: clothes; folder: your images, every one under --data-dir")
+    g.add_argument("--data-dir", default="./data", help="holds MNIST/raw/, or your images")
+    g.add_argument("--image-size", type=common.multiple_of_4, default=32,
+                   help="side of a folder's images, a multiple of 4")
     g.add_argument("--binarize", choices=["none", "dynamic"], default="none",
                    help="dynamic: x ~ Bernoulli(pixel) afresh every batch, the test set once")
     g = p.add_argument_group("loss")
@@ -71,29 +74,30 @@ def get_args(argv=()):
 class VAE(nn.Module):
     """x (B, 1, 28, 28) -> 2 strided convs, FC -> (mu, logvar); z -> FC, 2 transposed convs."""
 
-    def __init__(self, channels=32, hidden_dim=256, latent_dim=32):
+    def __init__(self, shape=(1, 28, 28), channels=32, hidden_dim=256, latent_dim=32):
         super().__init__()
         act = nn.SiLU  # x * sigmoid(x), smooth where ReLU has a kink: a better bound (RESULTS.md)
-        c1, c2 = channels, 2 * channels
+        (c, h, w), c1, c2 = shape, channels, 2 * channels
+        inner = (c2, h // 4, w // 4)  # (64, 7, 7) for MNIST
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
+            nn.Conv2d(c, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
             act(),
             nn.Conv2d(c1, c2, 4, stride=2, padding=1),  # (B, c2, 7, 7)
             act(),
             nn.Flatten(),  # (B, c2*49)
-            nn.Linear(c2 * 7 * 7, hidden_dim),
+            nn.Linear(math.prod(inner), hidden_dim),
             act(),
             nn.Linear(hidden_dim, 2 * latent_dim),  # (B, 2D): mu and logvar side by side
         )
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
             act(),
-            nn.Linear(hidden_dim, c2 * 7 * 7),
+            nn.Linear(hidden_dim, math.prod(inner)),
             act(),
-            nn.Unflatten(1, (c2, 7, 7)),  # (B, c2, 7, 7)
+            nn.Unflatten(1, inner),  # (B, c2, 7, 7)
             nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
             act(),
-            nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28) logits
+            nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),  # (B, 1, 28, 28) logits
         )
 
     def encode(self, x):
@@ -304,6 +308,7 @@ def main(argv=()):
     args = get_args(argv)
     device = common.get_device(args.device)
     ckpt = common.load_checkpoint(args, MODEL_FLAGS)  # None unless --resume/--eval-only/--generate
+    data = None if args.generate else common.load_data(args, device)  # and args.shape: (C, H, W)
     torch.manual_seed(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
     if ckpt:
@@ -314,8 +319,7 @@ def main(argv=()):
         common.save_grid(torch.sigmoid(model.decode(z)).detach(), args.out, "generated.png")
         print(f"wrote {args.generate} samples to {args.out}/generated.png")
         return result
-    data = common.load_data(args, device)  # uint8 (N, 1, 28, 28) images on the device, labels
-    (x_train, _), (x_test, y_test) = data["train"], data["test"]
+    (x_train, _), (x_test, y_test) = data["train"], data["test"]  # uint8 images, on the device
 
     def bound():  # images and z per call: the fastest on a CPU (RESULTS.md); 8 batches on a GPU
         decodes = 512 if device.type == "cpu" else 8 * args.batch_size

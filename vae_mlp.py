@@ -21,7 +21,7 @@ import common  # plumbing only: data files, pictures, checkpoint files, device, 
 # ---- Config: every setting that changes the math, with its default
 
 SCRIPT = "vae_mlp"
-MODEL_FLAGS = ("hidden_dim", "latent_dim")  # VAE(**config) rebuilds the model
+MODEL_FLAGS = ("shape", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds it
 
 
 def get_args(argv=()):
@@ -32,8 +32,10 @@ def get_args(argv=()):
     g.add_argument("--hidden-dim", type=pos_int, default=400, help="width of each hidden layer")
     g.add_argument("--latent-dim", type=pos_int, default=20, help="dim of z (2 adds manifold.png)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="or clothes")
-    g.add_argument("--data-dir", default="./data", help="holds MNIST/raw/ or the 4 IDX files")
+    g.add_argument("--dataset", choices=["mnist", "fashion", "folder"], default="mnist",
+                   help="fashion: clothes; folder: your images, every one under --data-dir")
+    g.add_argument("--data-dir", default="./data", help="holds MNIST/raw/, or your images")
+    g.add_argument("--image-size", type=pos_int, default=32, help="side of a folder's images")
     g.add_argument("--binarize", choices=["none", "dynamic"], default="none",
                    help="dynamic: x ~ Bernoulli(pixel) afresh every batch, the test set once")
     g = p.add_argument_group("loss")
@@ -70,20 +72,21 @@ def get_args(argv=()):
 class VAE(nn.Module):
     """x (B, 1, 28, 28) -> 784 -> hidden -> (mu, logvar); z -> hidden -> 784 Bernoulli logits."""
 
-    def __init__(self, hidden_dim=400, latent_dim=20):
+    def __init__(self, shape=(1, 28, 28), hidden_dim=400, latent_dim=20):
         super().__init__()
         act = nn.SiLU  # x * sigmoid(x), smooth where ReLU has a kink: a better bound (RESULTS.md)
+        pixels = math.prod(shape)  # C * H * W: 784 for MNIST
         self.encoder = nn.Sequential(
             nn.Flatten(),  # (B, 784)
-            nn.Linear(784, hidden_dim),
+            nn.Linear(pixels, hidden_dim),
             act(),
             nn.Linear(hidden_dim, 2 * latent_dim),  # (B, 2D): mu and logvar side by side
         )
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
             act(),
-            nn.Linear(hidden_dim, 784),
-            nn.Unflatten(1, (1, 28, 28)),  # (B, 1, 28, 28) logits
+            nn.Linear(hidden_dim, pixels),
+            nn.Unflatten(1, shape),  # (B, 1, 28, 28) logits
         )
 
     def encode(self, x):
@@ -294,6 +297,7 @@ def main(argv=()):
     args = get_args(argv)
     device = common.get_device(args.device)
     ckpt = common.load_checkpoint(args, MODEL_FLAGS)  # None unless --resume/--eval-only/--generate
+    data = None if args.generate else common.load_data(args, device)  # and args.shape: (C, H, W)
     torch.manual_seed(args.seed)
     model = VAE(**{k: getattr(args, k) for k in MODEL_FLAGS}).to(device)
     if ckpt:
@@ -304,8 +308,7 @@ def main(argv=()):
         common.save_grid(torch.sigmoid(model.decode(z)).detach(), args.out, "generated.png")
         print(f"wrote {args.generate} samples to {args.out}/generated.png")
         return result
-    data = common.load_data(args, device)  # uint8 (N, 1, 28, 28) images on the device, labels
-    (x_train, _), (x_test, y_test) = data["train"], data["test"]
+    (x_train, _), (x_test, y_test) = data["train"], data["test"]  # uint8 images, on the device
 
     def bound():  # images and z per call: the fastest on a CPU (RESULTS.md); 8 batches on a GPU
         decodes = 512 if device.type == "cpu" else 8 * args.batch_size
