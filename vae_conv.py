@@ -1,11 +1,8 @@
-"""A convolutional variational autoencoder (VAE) on MNIST.
+"""A convolutional variational autoencoder (VAE, Kingma & Welling 2013) on MNIST or your images.
 
-    python vae_conv.py --epochs 20    # pictures, metrics and checkpoint in results/vae_conv/
-    python vae_conv.py --help         # every flag; in a notebook: vae_conv.main(["--epochs", "2"])
-
-Kingma & Welling 2013 (https://arxiv.org/abs/1312.6114): q(z|x) = N(mu, diag(sigma^2)), p(x|z),
-and training maximises the ELBO = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), printed as -ELBO in
-nats per image; Burda et al. 2015 (https://arxiv.org/abs/1509.00519): the K-sample bound L_K.
+python vae_conv.py --epochs 20    # pictures, metrics and checkpoint in results/vae_conv/
+python vae_conv.py --dataset folder --data-dir DIR    # the images under DIR, grey or colour
+python vae_conv.py --help         # every flag; in a notebook: vae_conv.main(["--epochs", "2"])
 """
 
 import math
