@@ -161,7 +161,7 @@ def load_data(args, device):
             g = torch.Generator().manual_seed(TEST_SEED)
             x = (torch.bernoulli(x / 255.0, generator=g) * 255).to(torch.uint8)
         data[split] = (x.to(device), y.to(device))
-    shape = tuple(x.shape[1:])
+    shape = tuple(data["train"][0].shape[1:])
     if args.shape and tuple(args.shape) != shape:
         raise UserError(f"the images are {shape}, the checkpoint's model takes {tuple(args.shape)}")
     args.shape = shape
@@ -304,10 +304,12 @@ def grid_pixels(images, nrow=None, padding=2):
 
 
 def save_grid(images, out, name, nrow=None):
+    """Writes OUT/name; returns its pixels."""
     from PIL import Image
 
-    pixels = Image.fromarray(grid_pixels(images, nrow))
-    atomic_write(os.path.join(out, name), lambda f: pixels.save(f, format="png"))
+    pixels = grid_pixels(images, nrow)
+    atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
+    return pixels
 
 
 def save_gif(frames, path):
@@ -437,9 +439,8 @@ class Saver:
         """grids: {name: (images, nrow)}; mu: the test set's posterior means, y its labels."""
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
         grids.update(latent_grids(self.model.decode, mu[0], mu))
-        for name, (images, nrow) in grids.items():
-            save_grid(images, a.out, name, nrow)
-        self.frames.append(torch.from_numpy(grid_pixels(*grids["samples.png"])))
+        pixels = {n: save_grid(images, a.out, n, nrow) for n, (images, nrow) in grids.items()}
+        self.frames.append(torch.from_numpy(pixels["samples.png"]))  # as written, for the GIF
         save_gif(self.frames, os.path.join(a.out, "samples.gif"))
         lines = [rows[0], *(r.values() for r in rows)]  # metrics.csv: the header, a row an epoch
         csv = "".join(",".join(map(str, line)) + "\n" for line in lines).encode()
