@@ -193,6 +193,8 @@ def read_folder(args):
         except Exception as e:  # not an image after all, truncated, ...
             bad.append(f"{path} ({type(e).__name__})")
         bar.update(i + 1)
+    if not images:
+        raise UserError(f"no readable images under {args.data_dir}/, such as {bad[0]}")
     if bad:
         print(f"warning: skipped {len(bad)} unreadable images, such as {bad[0]}", file=sys.stderr)
     x = torch.stack(images).view(-1, *size, 3).permute(0, 3, 1, 2)  # (N, 3, S, S)

@@ -1565,8 +1565,11 @@ def test_bad_folders_are_one_line(tmp_path, capsys):
     draw_images(tmp_path / "few", 10, colour=True)
     draw_images(tmp_path / "broken", 40, colour=True)
     (tmp_path / "broken" / "bad.png").write_bytes(b"\x89PNG not really")
+    os.makedirs(tmp_path / "all-broken")
+    (tmp_path / "all-broken" / "bad.png").write_bytes(b"\x89PNG not really")
     cases = [
         (vae_mlp, ["--data-dir", str(tmp_path / "empty")], 1, "no images under"),
+        (vae_mlp, ["--data-dir", str(tmp_path / "all-broken")], 1, "no readable images under"),
         (vae_mlp, ["--data-dir", str(tmp_path / "few")], 1, "9 train images, fewer than 128"),
         (vae_conv, ["--data-dir", str(tmp_path / "few"), "--image-size", "30"], 2, "multiple of 4"),
     ]
