@@ -2,13 +2,13 @@
 Flags and printed commands; the data; pictures, metrics.csv, checkpoint.pt; Ctrl-C and errors."""
 
 import argparse
+import contextlib
 import gzip
 import itertools
 import math
 import os
 import pickle
 import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -71,9 +71,8 @@ def add_run_flags(p, script):
     g.add_argument("--generate", type=positive_int, metavar="N",
                    help="load OUT/checkpoint.pt, write N samples to OUT/generated.png")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help=f"the run's folder (default: results/{script}, then each flag "
-                   f"above but --epochs and --data-dir that is not at its default, as "
-                   f"results/{script}-beta4 for --beta 4)")
+    g.add_argument("--out", help=f"the run's folder (default: results/{script}, then the flags "
+                   f"not at their default: results/{script}-beta4 for --beta 4)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
 
@@ -94,9 +93,9 @@ def parse_args(parser, argv, script):
 
 
 def default_out(parser, args):
-    """results/vae_mlp, then each experiment flag not at its default: vae_mlp-beta4-lr0.001. To read
-    a run, the folder with a checkpoint named by the most of them, the model's and data's kept:
-    a flag added to the command that started it (--lr, say) still finds it."""
+    """results/vae_mlp, then each experiment flag not at its default: vae_mlp-beta4-lr0.001. To
+    read a run: the folder with a checkpoint that drops the fewest loss and training flags, so
+    that a flag added to the command that started it (--lr, say) still finds it."""
     words, loose = [], []  # loose: the flags such a command may add
     for group in (g for g in parser._action_groups if g.title in EXPERIMENT):
         for a in group._group_actions:
@@ -220,12 +219,10 @@ def read_mnist(args):
 
     found = max(find(raw), find(args.data_dir), key=len)
     if not found:
-        try:  # torchvision checks the md5s and unpacks into <dir>/<name>/raw/
-            from torchvision import datasets
+        with contextlib.suppress(Exception):  # no network, or no torchvision
+            from torchvision import datasets  # checks the md5s, unpacks into <dir>/<name>/raw/
 
             getattr(datasets, FOLDER[args.dataset])(args.data_dir, train=True, download=True)
-        except Exception:  # no network, or no torchvision
-            pass
         found = find(raw)
     missing = [n + ".gz" for n in names if n not in found]
     if missing:
@@ -258,11 +255,11 @@ def read_idx(path, dims):
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(shape)
 
 
-# ---- Output files, each written to a temporary file and renamed: never half-written
+# ---- Output files
 
 
 def atomic_write(path, write):
-    """write(f) into a temporary file beside `path`, then os.replace; errors name `path`."""
+    """write(f) into a temporary file beside `path`, then os.replace: never half-written."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -276,8 +273,7 @@ def atomic_write(path, write):
 
 
 def prepare_out(args, start):
-    """--out exists and is writable. With start (a new run): the files of the run that was
-    there are removed, saying so, lest the two mix."""
+    """--out exists and is writable; a new run (start) removes the files of the run there."""
     try:
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
@@ -285,15 +281,15 @@ def prepare_out(args, start):
         raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror or e}") from None
     old = [f.path for f in os.scandir(args.out) if f.name.endswith((".png", ".gif", ".csv", ".pt"))]
     if start and old:
-        note = f"note: {args.out}/ held an earlier run; starting a new one in its place"
-        print(note, file=sys.stderr)
+        print(f"note: {args.out}/ held an earlier run; starting a new one in its place",
+              file=sys.stderr)  # fmt: skip
         for path in old:
             os.remove(path)
 
 
 def grid_pixels(images, nrow=None, padding=2):
-    """(N, C, H, W) images in [0, 1] as one uint8 grid, (H', W') grey or (H', W', 3), laid out as
-    torchvision's save_image lays it out (a test checks it): importing torchvision takes seconds."""
+    """(N, C, H, W) images in [0, 1] as one uint8 (H', W') or (H', W', 3) grid, as torchvision's
+    save_image lays it out (a test checks it): importing torchvision takes seconds."""
     n, c, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
@@ -341,37 +337,29 @@ def latent_grids(decode, mu0, mu_test):
     return out
 
 
-def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.4)):
-    """Fixed margins in inches (left, bottom, right, top): tight_layout would draw it twice."""
+def figure(width, height, columns=1):
     from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
 
-    fig = Figure(figsize=(width, height), dpi=100)
-    left, bottom, right, top = margins
-    fig.subplots_adjust(left / width, bottom / height, 1 - right / width, 1 - top / height, 0.25)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return fig, fig.subplots(1, columns)
 
 
 def latent_figure(mu, y):
-    """Test-set means of q(z|x) coloured by label (-1: none); above 2-D, the first two principal
-    components."""
-    mu, y = mu.float().cpu(), y.cpu()
-    if mu.shape[1] == 1:
-        points, labels = torch.stack([mu[:, 0], y.float()], 1), ("z[0]", "label")
-    elif mu.shape[1] == 2:
-        points, labels = mu, ("z[0]", "z[1]")
-    else:
-        centred = mu - mu.mean(0)
-        _, s, v = torch.linalg.svd(centred, full_matrices=False)
-        points = centred @ v[:2].T
-        share = (s[:2] ** 2 / (s**2).sum() * 100).tolist()
-        labels = tuple(f"PC {i + 1} ({p:.0f}% of variance)" for i, p in enumerate(share))
-    fig, ax = figure(6, 5, margins=(0.8, 0.6, 0.9, 0.4))
+    """Test-set means of q(z|x) coloured by label (-1: none): z[0] against the label in 1-D, the
+    first two principal components above 2-D."""
+    (mu, y), d = (mu.float().cpu(), y.cpu()), mu.shape[1]
+    if d > 2:
+        mu = mu - mu.mean(0)
+        mu = mu @ torch.linalg.svd(mu, full_matrices=False)[2][:2].T  # (N, 2)
+    points = torch.stack([mu[:, 0], y.float()], 1) if d == 1 else mu
+    names = ("z[0]", "label") if d == 1 else ("z[0]", "z[1]") if d == 2 else ("PC 1", "PC 2")
+    fig, ax = figure(6, 5)
     for label in y.unique().tolist():  # one colour per label; a plot draws 3x faster than a scatter
         x0, x1 = points[y == label].T
         ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label % 10}", label=str(label))
     if y.max() >= 0:
         ax.legend(title="label", loc="center left", bbox_to_anchor=(1, 0.5), markerscale=6)
-    ax.set(xlabel=labels[0], ylabel=labels[1], title=f"test-set means of q(z|x), {mu.shape[1]}-D")
+    ax.set(xlabel=names[0], ylabel=names[1], title=f"test-set means of q(z|x), {d}-D")
     return fig
 
 
@@ -381,16 +369,13 @@ def loss_figure(rows):
     fig, axes = figure(10, 4, columns=2)
     epochs = [r["epoch"] for r in rows]
     curves = [[("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]]
-    for ax, title, terms in zip(axes, ("total", "terms"), curves):
+    for ax, terms in zip(axes, curves):
         for key, color, name in terms:
             ax.plot(epochs, [r[f"train_{key}"] for r in rows], color=color, label=f"train {name}")
-            ax.plot(
-                epochs, [r[f"test_{key}"] for r in rows], "o", color=color, label=f"test {name}"
-            )
-        ax.set(xlabel="epoch", ylabel="nats per image", title=title)
+            ax.plot(epochs, [r[f"test_{key}"] for r in rows], "o", c=color, label=f"test {name}")
+        ax.set(xlabel="epoch", ylabel="nats per image")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
-        ax.grid(alpha=0.3)
     return fig
 
 
@@ -399,21 +384,20 @@ def save_figure(fig, out, name):
 
 
 TERMS = ("recon", "kl", "neg_elbo")
-DRAW_EVERY_S = 300  # the matplotlib figures: after the last epoch, and at most every 5 minutes
+DRAW_EVERY_S = 300  # samples.gif and the figures: after the first and last epoch, and every 5 min
 
 
 class Saver:
-    """What each epoch leaves in --out, then its line on stdout: the picture grids, samples.gif
-    (the samples of every epoch), metrics.csv, checkpoint.pt; and the matplotlib figures,
-    loss.png and latent.png, after the last epoch and after any epoch that ends DRAW_EVERY_S
-    or more after they were drawn."""
+    """What each epoch leaves in --out, then its line on stdout: the picture grids, metrics.csv,
+    checkpoint.pt; samples.gif (the samples of every epoch), loss.png and latent.png after the
+    first and the last epoch, and after any epoch that ends DRAW_EVERY_S after they were drawn."""
 
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
         prepare_out(args, start=not args.resume)
         self.rows = list(ckpt["metrics"]) if args.resume else []
         self.frames = list(ckpt["frames"]) if args.resume else []
-        self.start = self.drawn = time.perf_counter()
+        self.start, self.drawn = time.perf_counter(), -math.inf
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0
         if args.resume:
             for group in ckpt["optimizer"]["param_groups"]:  # fused or not as this device wants
@@ -443,11 +427,11 @@ class Saver:
         grids.update(latent_grids(self.model.decode, mu[0], mu))
         pixels = {n: save_grid(images, a.out, n, nrow) for n, (images, nrow) in grids.items()}
         self.frames.append(torch.from_numpy(pixels["samples.png"]))  # as written, for the GIF
-        save_gif(self.frames, os.path.join(a.out, "samples.gif"))
         lines = [rows[0], *(r.values() for r in rows)]  # metrics.csv: the header, a row an epoch
         csv = "".join(",".join(map(str, line)) + "\n" for line in lines).encode()
         atomic_write(os.path.join(a.out, "metrics.csv"), lambda f: f.write(csv))
         if epoch == a.epochs or time.perf_counter() - self.drawn >= DRAW_EVERY_S:
+            save_gif(self.frames, os.path.join(a.out, "samples.gif"))
             save_figure(loss_figure(rows), a.out, "loss.png")
             save_figure(latent_figure(mu, y), a.out, "latent.png")
             self.drawn = time.perf_counter()
@@ -490,12 +474,9 @@ def load_checkpoint(args, model_flags):
         raise UserError(f"no checkpoint at {path}; train first, or pass the run's --out")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "unsupported" in str(e).lower():  # a global or opcode only a code-running pickle uses
-            why = "it holds objects other than tensors and plain values: loading it could run code"
-            raise UserError(f"refusing to load {path}: {why}") from None
-        raise UserError(f"{path} is not a readable checkpoint: it may be truncated") from None
-    except Exception as e:
+    except Exception as e:  # weights_only refuses what only a code-running pickle holds
+        if isinstance(e, pickle.UnpicklingError) and "unsupported" in str(e).lower():
+            raise UserError(f"refusing to load {path}: loading it could run code") from None
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
@@ -526,20 +507,16 @@ def get_device(name):
     return torch.device(name)
 
 
-def print_header(args, model, data):
+def print_header(a, model, data):
     n_params, (x, _) = sum(p.numel() for p in model.parameters()), data["train"]
-    (c, h, w), data_set = x.shape[1:], args.data_dir if args.dataset == "folder" else args.dataset
-    print(
-        f"{args.script}: {n_params:,} parameters on {x.device}; {data_set}: {len(x)} train / "
-        f"{len(data['test'][0])} test images, {'grey' if c == 1 else 'RGB'} {h}x{w}, binarize "
-        f"{args.binarize}, {args.likelihood} likelihood; writing to {args.out}/",
-        flush=True,
-    )
-    a = args
+    (c, h, w), data_set = x.shape[1:], a.data_dir if a.dataset == "folder" else a.dataset
+    print(f"{a.script}: {n_params:,} parameters on {x.device}; {data_set}: {len(x)} train / "
+          f"{len(data['test'][0])} test images, {'grey' if c == 1 else 'RGB'} {h}x{w}, binarize "
+          f"{a.binarize}, {a.likelihood} likelihood; writing to {a.out}/", flush=True)  # fmt: skip
     if "train_k" in a.explicit and a.train_k > 1 and a.train_k_after >= a.epochs:
-        warning = f"--train-k {a.train_k} applies only after epoch {a.train_k_after} (--train-k-"
-        print(f"warning: {warning}after), so this {a.epochs}-epoch run trains on the ELBO alone",
-              file=sys.stderr)  # fmt: skip
+        after = f"applies only after epoch {a.train_k_after} (--train-k-after)"
+        print(f"warning: --train-k {a.train_k} {after}, so this {a.epochs}-epoch run trains on "
+              "the ELBO alone", file=sys.stderr)  # fmt: skip
 
 
 def fmt(m):
@@ -557,9 +534,8 @@ def epoch_line(r, epochs):
 
 
 def check_finite(loss, epoch, saver):
-    """Stop on a NaN or inf loss, saying what is on disk and the command that goes on at half
-    the rate. `loss`: the epoch's batch losses (the one place where training waits for the
-    device), or the test loss after the epoch, which sees its last step."""
+    """Stop on a NaN or inf loss (of the epoch's steps, or of the test set, which sees its last
+    step), saying what is on disk and the command that goes on at half the rate."""
     bad = [v for v in torch.as_tensor(loss).view(-1).tolist() if not math.isfinite(v)]
     if not bad:
         return
@@ -576,45 +552,26 @@ class Progress:
 
     def __init__(self, label, total):
         jupyter = type(sys.stdout).__module__.startswith("ipykernel")  # draws "\r" as a terminal
-        self.enabled, self.label, self.total, self.last = (
-            sys.stdout.isatty() or jupyter,
-            label,
-            total,
-            0.0,
-        )
+        self.on, self.label, self.total, self.last = sys.stdout.isatty() or jupyter, label, total, 0
 
     def update(self, done, loss=None):
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= 0.25 or done == self.total):
-            self.last = now
+        if self.on and (time.perf_counter() - self.last >= 0.25 or done == self.total):
+            self.last = time.perf_counter()
             line = f"{self.label}  {done}/{self.total}"
-            line += f"  loss {loss.item():7.2f}" if loss is not None else ""
-            print(
-                "\r" + (line if done < self.total else " " * len(line) + "\r"), end="", flush=True
-            )
+            line += f"  loss {loss:7.2f}" if loss is not None else ""
+            line = line if done < self.total else " " * len(line) + "\r"  # the last: erased
+            print("\r" + line, end="", flush=True)
 
 
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM stops at once. The checkpoint on disk holds every finished
-    epoch (a write cut short leaves the one before): say which, print the command that goes
-    on, and leave in `result` what it holds and the exit code, 130 (143)."""
-
-    def __init__(self, saver, result):
-        self.saver, self.result = saver, result
-
-    def _raise(self, signum, frame):
-        raise KeyboardInterrupt(signum)
-
-    def __enter__(self):  # both, even where the shell ignores SIGINT (a background job)
-        self.previous = {s: signal.signal(s, self._raise) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        if not isinstance(exc, KeyboardInterrupt):
-            return False
-        a, rows, path = self.saver.args, self.saver.rows, self.saver.args.checkpoint
+@contextlib.contextmanager
+def stop_on_ctrl_c(saver, result):
+    """Ctrl-C stops at once. The checkpoint on disk holds every finished epoch (a write cut short
+    leaves the one before): say which, print the command that goes on, and leave in `result`
+    what it holds and the exit code, 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        a, rows, path = saver.args, saver.rows, saver.args.checkpoint
         ckpt = torch.load(path, weights_only=True) if os.path.isfile(path) else {"epoch": 0}
         epoch = ckpt["epoch"]
         if epoch == a.epochs:
@@ -622,15 +579,13 @@ class StopOnSignal:
         elif epoch:
             message = (f"stopped in epoch {epoch + 1}; {path} holds epoch {epoch}; "
                        f"resume with: {command(a, '--resume')}")  # fmt: skip
-            self.saver.model.load_state_dict(ckpt["model"])  # the model moved on since
+            saver.model.load_state_dict(ckpt["model"])  # the model moved on since
         else:
             message = "stopped in epoch 1; nothing was saved"
         print(("\n" if sys.stdout.isatty() else "") + message, file=sys.stderr, flush=True)
         del rows[epoch:]
         test = {k: rows[-1][f"test_{k}"] for k in TERMS} if rows else None
-        code = 143 if exc.args == (signal.SIGTERM,) else 130
-        self.result.update(model=self.saver.model if rows else None, test=test, exit_code=code)
-        return True
+        result.update(model=saver.model if rows else None, test=test, exit_code=130)
 
 
 def run(main, argv):

@@ -338,7 +338,7 @@ def main(argv=()):
     saver = common.Saver(args, MODEL_FLAGS, model, opt, ckpt)  # metrics, pictures, checkpoint
     rows = result["metrics"] = saver.rows  # one per epoch done, the checkpoint's too
     common.print_header(args, model, data)
-    with common.StopOnSignal(saver, result):  # Ctrl-C: what the checkpoint holds, exit code 130
+    with common.stop_on_ctrl_c(saver, result):  # what the checkpoint holds, exit code 130
         for epoch in range(len(rows) + 1, args.epochs + 1):
             # each epoch its own noise: resuming needs no saved RNG state (a CPU keeps 32 bits)
             torch.manual_seed((args.seed * 1_000_003 + epoch) % 2**32)
