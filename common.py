@@ -233,8 +233,6 @@ def read_mnist(args):
         x, y = read_idx(found[images], 3), read_idx(found[labels], 1).long()
         if len(x) != len(y):
             raise UserError(f"{found[images]} has {len(x)} images but {found[labels]} {len(y)}")
-        if x.shape[1:] != (28, 28):
-            raise UserError(f"{found[images]} holds {x.shape[1]}x{x.shape[2]} images, not 28x28")
         data[split] = (x.unsqueeze(1), y)
     return data
 
