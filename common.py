@@ -10,7 +10,6 @@ import os
 import pickle
 import shlex
 import sys
-import tempfile
 import time
 import zlib
 
@@ -271,10 +270,9 @@ def atomic_write(path, write):
 
 
 def prepare_out(args, start):
-    """--out exists and is writable; a new run (start) removes the files of the run there."""
+    """--out exists; a new run (start) removes the files of the run there."""
     try:
         os.makedirs(args.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()
     except OSError as e:
         raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror or e}") from None
     old = [f.path for f in os.scandir(args.out) if f.name.endswith((".png", ".gif", ".csv", ".pt"))]
@@ -377,10 +375,6 @@ def loss_figure(rows):
     return fig
 
 
-def save_figure(fig, out, name):
-    atomic_write(os.path.join(out, name), lambda f: fig.savefig(f, format="png"))
-
-
 TERMS = ("recon", "kl", "neg_elbo")
 DRAW_EVERY_S = 300  # samples.gif and the figures: after the first and last epoch, and every 5 min
 
@@ -398,8 +392,6 @@ class Saver:
         self.start, self.drawn = time.perf_counter(), -math.inf
         self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0
         if args.resume:
-            for group in ckpt["optimizer"]["param_groups"]:  # fused or not as this device wants
-                group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable")})
             opt.load_state_dict(ckpt["optimizer"])
             print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
 
@@ -430,8 +422,9 @@ class Saver:
         atomic_write(os.path.join(a.out, "metrics.csv"), lambda f: f.write(csv))
         if epoch == a.epochs or time.perf_counter() - self.drawn >= DRAW_EVERY_S:
             save_gif(self.frames, os.path.join(a.out, "samples.gif"))
-            save_figure(loss_figure(rows), a.out, "loss.png")
-            save_figure(latent_figure(mu, y), a.out, "latent.png")
+            figures = {"loss.png": loss_figure(rows), "latent.png": latent_figure(mu, y)}
+            for name, fig in figures.items():
+                atomic_write(os.path.join(a.out, name), fig.savefig)  # a PNG
             self.drawn = time.perf_counter()
         self.checkpoint()
         print(epoch_line(rows[-1], a.epochs), flush=True)  # once the epoch is safe on disk
