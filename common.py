@@ -450,7 +450,7 @@ class Saver:
         atomic_write(a.checkpoint, lambda f: torch.save(state, f))
 
 
-CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "final")
+CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "frames")
 MUST_MATCH = ("dataset", "image_size", "likelihood", "binarize")  # besides the model's own flags
 RUN_FLAGS = ("script", "out", "checkpoint", "resume", "eval_only", "generate", "device")
 
@@ -469,8 +469,9 @@ def load_checkpoint(args, model_flags):
         if isinstance(e, pickle.UnpicklingError) and "unsupported" in str(e).lower():
             raise UserError(f"refusing to load {path}: loading it could run code") from None
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise UserError(f"{path} is not a checkpoint written by these scripts")
+    keys = isinstance(ckpt, dict) and set(CHECKPOINT_KEYS) <= ckpt.keys()
+    if not keys or not set(model_flags) <= ckpt["config"].keys():  # or by an older version
+        raise UserError(f"{path} is not a checkpoint written by this version of these scripts")
     if ckpt["script"] != args.script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {args.script}.py")
     for key in (k for k in (*model_flags, *MUST_MATCH) if k in args.explicit):

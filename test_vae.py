@@ -830,6 +830,7 @@ def bad_cases(tmp):
     case("no checkpoint", ckpt("none", "--eval-only"), f(tmp, "none/checkpoint.pt"))
     case("a truncated checkpoint", ckpt("trunc", "--resume"), f(tmp, "trunc/checkpoint.pt"))
     case("a foreign checkpoint", ckpt("foreign", "--generate", "4"), "not a checkpoint written")
+    case("an older version's checkpoint", ckpt("old", "--generate", "4"), "this version")
     case("a code-running checkpoint", ckpt("evil", "--eval-only"), "could run code")
     case("another script's checkpoint", ckpt("conv", "--resume"), "written by vae_conv.py")
     case("a mismatched checkpoint", ["--out", mlp, "--eval-only", "--latent-dim", "8"],
@@ -853,13 +854,15 @@ def test_bad_input_is_one_line(data_dir, tmp_path, capsys):
     mlp, conv = os.path.join(tmp, "mlp"), os.path.join(tmp, "conv")
     train(vae_mlp, os.path.join(tmp, "good"), mlp, "--iw-samples", "0")
     train(vae_conv, os.path.join(tmp, "good"), conv, "--iw-samples", "0", "--latent-dim", "4")
-    for name in ("trunc", "foreign", "evil"):
+    for name in ("trunc", "foreign", "evil", "old"):
         os.makedirs(os.path.join(tmp, name))
     truncate_to = os.path.join(tmp, "trunc", "checkpoint.pt")
     open(truncate_to, "wb").write(open(os.path.join(mlp, "checkpoint.pt"), "rb").read()[:5000])
     torch.save({"weights": torch.zeros(3)}, os.path.join(tmp, "foreign", "checkpoint.pt"))
     RunsCode.mark = os.path.join(tmp, "code-ran")
     state = load(os.path.join(mlp, "checkpoint.pt"))
+    del state["config"]["shape"]  # as written before the models took the data's shape
+    torch.save(state, os.path.join(tmp, "old", "checkpoint.pt"))
     state["final"] = RunsCode()
     torch.save(state, os.path.join(tmp, "evil", "checkpoint.pt"))
     capsys.readouterr()
