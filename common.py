@@ -333,10 +333,13 @@ def latent_grids(decode, mu0, mu_test):
     return out
 
 
-def figure(width, height, columns=1):
+def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.2)):
+    """Fixed margins in inches (left, bottom, right, top): a layout engine draws it twice."""
     from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)
+    left, bottom, right, top = margins
+    fig.subplots_adjust(left / width, bottom / height, 1 - right / width, 1 - top / height, 0.25)
     return fig, fig.subplots(1, columns)
 
 
@@ -349,7 +352,7 @@ def latent_figure(mu, y):
         mu = mu @ torch.linalg.svd(mu, full_matrices=False)[2][:2].T  # (N, 2)
     points = torch.stack([mu[:, 0], y.float()], 1) if d == 1 else mu
     names = ("z[0]", "label") if d == 1 else ("z[0]", "z[1]") if d == 2 else ("PC 1", "PC 2")
-    fig, ax = figure(6, 5)
+    fig, ax = figure(6, 5, margins=(0.8, 0.6, 0.9, 0.4))
     for label in y.unique().tolist():  # one colour per label; a plot draws 3x faster than a scatter
         x0, x1 = points[y == label].T
         ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label % 10}", label=str(label))
