@@ -518,10 +518,6 @@ def fmt(m):
     return f"recon {m['recon']:7.2f}  KL {m['kl']:6.2f}  -ELBO {m['neg_elbo']:7.2f}"
 
 
-def fmt_bound(nll, k):
-    return f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={k})"
-
-
 def epoch_line(r, epochs):
     train, test = ({k: r[f"{split}_{k}"] for k in TERMS} for split in ("train", "test"))
     return (f"epoch {r['epoch']:3d}/{epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "

@@ -322,7 +322,7 @@ def main(argv=()):
         decodes = 512 if device.type == "cpu" else 8 * args.batch_size
         bar = common.Progress(f"IWAE bound, K={args.iw_samples}", len(x_test))
         nll = iwae_nll(model, x_test, args.iw_samples, args.likelihood, decodes, bar)
-        print(common.fmt_bound(nll, args.iw_samples))
+        print(f"test  -log p(x) <= {nll:.2f} nats per image (IWAE bound, K={args.iw_samples})")
         return nll
 
     if args.eval_only:
