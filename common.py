@@ -425,9 +425,8 @@ class Saver:
         atomic_write(os.path.join(a.out, "metrics.csv"), lambda f: f.write(csv))
         if epoch == a.epochs or time.perf_counter() - self.drawn >= DRAW_EVERY_S:
             save_gif(self.frames, os.path.join(a.out, "samples.gif"))
-            figures = {"loss.png": loss_figure(rows), "latent.png": latent_figure(mu, y)}
-            for name, fig in figures.items():
-                atomic_write(os.path.join(a.out, name), fig.savefig)  # a PNG
+            atomic_write(os.path.join(a.out, "loss.png"), loss_figure(rows).savefig)  # PNG
+            atomic_write(os.path.join(a.out, "latent.png"), latent_figure(mu, y).savefig)
             self.drawn = time.perf_counter()
         self.checkpoint()
         print(epoch_line(rows[-1], a.epochs), flush=True)  # once the epoch is safe on disk
