@@ -71,7 +71,7 @@ def add_run_flags(p, script):
                    help="load OUT/checkpoint.pt, write N samples to OUT/generated.png")
     g = p.add_argument_group("output")
     g.add_argument("--out", help=f"the run's folder (default: results/{script}, then the flags "
-                   f"not at their default: results/{script}-beta4 for --beta 4)")
+                   f"not at their default but --epochs and --data-dir: results/{script}-beta4)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
 
