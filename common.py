@@ -370,8 +370,9 @@ def loss_figure(rows):
     curves = [[("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]]
     for ax, terms in zip(axes, curves):
         for key, color, name in terms:
-            ax.plot(epochs, [r[f"train_{key}"] for r in rows], color=color, label=f"train {name}")
-            ax.plot(epochs, [r[f"test_{key}"] for r in rows], "o", c=color, label=f"test {name}")
+            train, test = ([r[f"{split}_{key}"] for r in rows] for split in ("train", "test"))
+            ax.plot(epochs, train, color=color, label=f"train {name}")
+            ax.plot(epochs, test, "o", color=color, label=f"test {name}")
         ax.set(xlabel="epoch", ylabel="nats per image")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
@@ -471,8 +472,8 @@ def load_checkpoint(args, model_flags):
         if isinstance(e, pickle.UnpicklingError) and "unsupported" in str(e).lower():
             raise UserError(f"refusing to load {path}: loading it could run code") from None
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    keys = isinstance(ckpt, dict) and set(CHECKPOINT_KEYS) <= ckpt.keys()
-    if not keys or not set(model_flags) <= ckpt["config"].keys():  # or by an older version
+    complete = isinstance(ckpt, dict) and set(CHECKPOINT_KEYS) <= ckpt.keys()
+    if not complete or not set(model_flags) <= ckpt["config"].keys():  # or by an older version
         raise UserError(f"{path} is not a checkpoint written by this version of these scripts")
     if ckpt["script"] != args.script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {args.script}.py")
