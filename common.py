@@ -25,8 +25,7 @@ class UserError(Exception):
 
 def _number(kind, test, words):
     def parse(text):
-        value = kind(text)
-        if not test(value):
+        if not test(value := kind(text)):
             raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
         return value
 
@@ -48,19 +47,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) if shown else action.help
 
 
-class ArgumentParser(argparse.ArgumentParser):
+def parser(prog, description):
     """argparse with the defaults in --help, no prefixes of flags, a bad flag in one line."""
-
-    def __init__(self, prog, description):
-        super().__init__(prog, description=description, formatter_class=HelpFormatter,
-                         allow_abbrev=False)  # fmt: skip
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    p = argparse.ArgumentParser(prog, description=description, formatter_class=HelpFormatter,
+                                allow_abbrev=False)  # fmt: skip
+    p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")
+    return p
 
 
-def add_run_flags(p, script):
-    """The flags that say where and how a script runs, not what it computes."""
+EXPERIMENT = ("model", "data", "loss", "training")  # groups of flags that name --out's default
+NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same experiment
+
+
+def parse_args(p, argv, script):
+    """Adds the flags of where and how a script runs, not what it computes; parses argv."""
     # fmt: off
     g = p.add_argument_group("running")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -74,19 +74,11 @@ def add_run_flags(p, script):
                    f"not at their default but --epochs and --data-dir: results/{script}-beta4)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
-
-
-EXPERIMENT = ("model", "data", "loss", "training")  # groups of flags that name --out's default
-NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same experiment
-
-
-def parse_args(parser, argv, script):
-    args = parser.parse_args(list(argv))
+    args = p.parse_args(list(argv))
     args.script, args.argv, args.shape = script, list(argv), None  # shape: the data's (C, H, W)
-    # the flags typed (allow_abbrev=False: no prefixes), so that they win over a checkpoint's
-    options = ((a.dest, s) for a in parser._actions for s in a.option_strings)
-    args.explicit = sorted({d for d, s in options if any(w.split("=")[0] == s for w in argv)})
-    args.out = args.out or default_out(parser, args)
+    typed = {w.split("=")[0] for w in argv}  # allow_abbrev=False: no prefixes
+    args.explicit = sorted({a.dest for a in p._actions if typed & {*a.option_strings}})
+    args.out = args.out or default_out(p, args)
     args.checkpoint = os.path.join(args.out, "checkpoint.pt")
     return args
 
@@ -107,40 +99,30 @@ def default_out(parser, args):
                     words[-1] = "folder-" + os.path.basename(os.path.abspath(args.data_dir))
                 if group.title in ("loss", "training") and a.dest not in MUST_MATCH:
                     loose.append(words[-1])
-
-    def folder(drop=()):
-        return os.path.join("results", "-".join(w for w in [args.script, *words] if w not in drop))
-
-    folders = [folder()]
-    if args.resume or args.eval_only or args.generate:
-        drops = (d for n in range(1, len(loose) + 1) for d in itertools.combinations(loose, n))
-        folders += [folder(d) for d in drops]
+    n_drops = len(loose) + 1 if args.resume or args.eval_only or args.generate else 1
+    drops = [d for n in range(n_drops) for d in itertools.combinations(loose, n)]  # () first
+    folders = ["results/" + "-".join(w for w in [args.script, *words] if w not in d) for d in drops]
     return next((f for f in folders if os.path.isfile(f"{f}/checkpoint.pt")), folders[0])
 
 
 def command(args, *flags):
-    """The whole command that goes on with this run, for a POSIX shell: as typed, with `flags`
-    in place of the same flags typed, and --out."""
+    """The whole command that goes on with this run: as typed, `flags` replacing those typed."""
     replaced = {"--resume", "--eval-only", "--generate", "--out"}
     replaced |= {f for f in flags if f.startswith("--")}  # typed again with a new value
-    words, skip = ["python", f"{args.script}.py"], False
-    for word in args.argv:
+    words, typed = ["python", f"{args.script}.py"], iter(args.argv)
+    for word in typed:
         name = word.split("=")[0]
-        if skip:
-            skip = False
-        elif name in replaced:  # dropped, with its value unless it takes none
-            skip = "=" not in word and name not in ("--resume", "--eval-only")
-        else:
+        if name not in replaced:
             words.append(word)
+        elif "=" not in word and name not in ("--resume", "--eval-only"):
+            next(typed, None)  # and its value
     return shlex.join([*words, *flags, "--out", args.out])
 
 
 # ---- Data: the images of each split in one uint8 tensor, checked, moved to the device once
 
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
 FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}  # torchvision's <dir>/<name>/raw/
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what --dataset folder reads
 TEST_SEED = 0  # the binarized test set, and a folder's test split, the same whatever --seed
@@ -148,8 +130,7 @@ TEST_SEED = 0  # the binarized test set, and a folder's test split, the same wha
 
 def load_data(args, device):
     """{'train': (x, y), 'test': (x, y)}: x uint8 (N, C, H, W) on the device, y int64 labels
-    (-1: none), and args.shape = (C, H, W). With --binarize dynamic the test images are 0/255,
-    sampled once with a fixed seed."""
+    (-1: none); args.shape = (C, H, W). --binarize dynamic: the test set sampled once, fixed."""
     data = read_folder(args) if args.dataset == "folder" else read_mnist(args)
     for split, (x, y) in data.items():
         least = args.batch_size if split == "train" else 2
@@ -167,9 +148,8 @@ def load_data(args, device):
 
 
 def read_folder(args):
-    """Every image under --data-dir (DIR/train/ and DIR/test/ if both are there, else a fixed
-    10% of them is the test set), centre-cropped to a square and resized to --image-size.
-    Labels: the subfolders' names (DIR/cats/1.png), -1 without. Grey if every image is grey."""
+    """The images under DIR, centre-cropped and resized to --image-size, grey if all are; the test
+    set: DIR/test/ beside DIR/train/, else a fixed 10%. Labels: subfolders (DIR/cats/1.png)."""
     from PIL import Image, ImageOps
 
     tops = [os.path.join(args.data_dir, s) for s in ("train", "test")]
@@ -199,17 +179,15 @@ def read_folder(args):
     x = x[:, :1] if (x == x[:, :1]).all() else x  # grey: R = G = B in every image
     names = sorted({parts[0] for _, parts in kept if len(parts) > 1})
     y = torch.tensor([names.index(p[0]) if len(p) > 1 else -1 for _, p in kept])
-    if len(tops) == 2:
-        test = torch.tensor([top == tops[1] for top, _ in kept])
-    else:  # a fixed 10%, the same in every run
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(TEST_SEED))
-        test = torch.isin(torch.arange(len(x)), order[: len(x) // 10])
+    test = torch.tensor([top != tops[0] for top, _ in kept])  # the images under DIR/test/
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(TEST_SEED))
+    test[order[: len(x) // 10 if len(tops) == 1 else 0]] = True  # or a fixed 10% of them all
     return {"train": (x[~test].contiguous(), y[~test]), "test": (x[test].contiguous(), y[test])}
 
 
 def read_mnist(args):
-    """The four IDX files, gzipped or not, in <dir>/MNIST/raw/ (torchvision's layout, where it
-    downloads them if there are none; FashionMNIST/ for Fashion-MNIST) or in <dir>/ itself."""
+    """The four IDX files, gzipped or not, in DIR/MNIST/raw/ (torchvision's layout: it downloads
+    them there if it can; FashionMNIST/ for Fashion-MNIST) or in DIR/ itself."""
     raw, names = os.path.join(args.data_dir, FOLDER[args.dataset], "raw"), sum(FILES.values(), ())
 
     def find(folder):  # the plain file where both are there
@@ -269,23 +247,9 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def prepare_out(args, start):
-    """--out exists; a new run (start) removes the files of the run there."""
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror or e}") from None
-    old = [f.path for f in os.scandir(args.out) if f.name.endswith((".png", ".gif", ".csv", ".pt"))]
-    if start and old:
-        print(f"note: {args.out}/ held an earlier run; starting a new one in its place",
-              file=sys.stderr)  # fmt: skip
-        for path in old:
-            os.remove(path)
-
-
 def grid_pixels(images, nrow=None, padding=2):
-    """(N, C, H, W) images in [0, 1] as one uint8 (H', W') or (H', W', 3) grid, as torchvision's
-    save_image lays it out (a test checks it): importing torchvision takes seconds."""
+    """(N, C, H, W) images in [0, 1] as a uint8 (H', W') or (H', W', 3) grid laid out as
+    torchvision's save_image does (tested): importing torchvision takes seconds."""
     n, c, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
@@ -306,15 +270,6 @@ def save_grid(images, out, name, nrow=None):
     return pixels
 
 
-def save_gif(frames, path):
-    """(H, W) uint8 tensors as an animated GIF: half a second each, two on the last one."""
-    from PIL import Image
-
-    first, *rest = (Image.fromarray(f.numpy()) for f in frames)
-    gif = dict(save_all=True, append_images=rest, duration=[500] * len(rest) + [2000], loop=0)
-    atomic_write(path, lambda f: first.save(f, "gif", **gif))
-
-
 @torch.no_grad()
 def latent_grids(decode, mu0, mu_test):
     """What each latent dimension does: traversal.png sweeps the 10 most used dimensions over
@@ -333,26 +288,19 @@ def latent_grids(decode, mu0, mu_test):
     return out
 
 
-def figure(width, height, columns=1, margins=(0.8, 0.6, 0.2, 0.2)):
-    """Fixed margins in inches (left, bottom, right, top): a layout engine draws it twice."""
-    from matplotlib.figure import Figure  # imported when first drawn; no pyplot, no GUI
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    left, bottom, right, top = margins
-    fig.subplots_adjust(left / width, bottom / height, 1 - right / width, 1 - top / height, 0.25)
-    return fig, fig.subplots(1, columns)
-
-
 def latent_figure(mu, y):
     """Test-set means of q(z|x) coloured by label (-1: none): z[0] against the label in 1-D, the
     first two principal components above 2-D."""
+    from matplotlib.figure import Figure  # when first drawn; no pyplot, no GUI
+
     (mu, y), d = (mu.float().cpu(), y.cpu()), mu.shape[1]
     if d > 2:
         mu = mu - mu.mean(0)
         mu = mu @ torch.linalg.svd(mu, full_matrices=False)[2][:2].T  # (N, 2)
     points = torch.stack([mu[:, 0], y.float()], 1) if d == 1 else mu
     names = ("z[0]", "label") if d == 1 else ("z[0]", "z[1]") if d == 2 else ("PC 1", "PC 2")
-    fig, ax = figure(6, 5, margins=(0.8, 0.6, 0.9, 0.4))
+    fig = Figure(figsize=(6, 5))  # fixed margins: a layout engine would draw it twice
+    ax = fig.subplots(gridspec_kw=dict(left=0.13, bottom=0.12, right=0.85, top=0.92))
     for label in y.unique().tolist():  # one colour per label; a plot draws 3x faster than a scatter
         x0, x1 = points[y == label].T
         ax.plot(x0, x1, ".", ms=1.5, alpha=0.7, color=f"C{label % 10}", label=str(label))
@@ -365,7 +313,11 @@ def latent_figure(mu, y):
 def loss_figure(rows):
     """-ELBO (left), recon and KL (right) in nats per image after each epoch: the mean over
     the epoch's training steps as a line, the test set as dots."""
-    fig, axes = figure(10, 4, columns=2)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))  # fixed margins, as above
+    margins = dict(left=0.08, bottom=0.15, right=0.98, top=0.95, wspace=0.25)
+    axes = fig.subplots(1, 2, gridspec_kw=margins)
     epochs = [r["epoch"] for r in rows]
     curves = [[("neg_elbo", "C2", "-ELBO")], [("recon", "C0", "recon"), ("kl", "C3", "KL")]]
     for ax, terms in zip(axes, curves):
@@ -380,28 +332,36 @@ def loss_figure(rows):
 
 
 TERMS = ("recon", "kl", "neg_elbo")
+OUTPUTS = (".png", ".gif", ".csv", ".pt")  # the files of a run in --out
 DRAW_EVERY_S = 300  # samples.gif and the figures: after the first and last epoch, and every 5 min
 
 
 class Saver:
-    """What each epoch leaves in --out, then its line on stdout: the picture grids, metrics.csv,
-    checkpoint.pt; samples.gif (the samples of every epoch), loss.png and latent.png after the
-    first and the last epoch, and after any epoch that ends DRAW_EVERY_S after they were drawn."""
+    """Each epoch's files in --out, then its line on stdout: the grids, metrics.csv, checkpoint.pt;
+    samples.gif, loss.png and latent.png after the first and last epoch and every DRAW_EVERY_S."""
 
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
-        prepare_out(args, start=not args.resume)
+        try:  # a new run removes the files of the run there
+            os.makedirs(args.out, exist_ok=True)
+            old = [f.path for f in os.scandir(args.out) if f.name.endswith(OUTPUTS)]
+        except OSError as e:
+            raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror}") from None
+        if old and not args.resume:
+            print(f"note: {args.out}/ held an earlier run; starting a new one in its place",
+                  file=sys.stderr)  # fmt: skip
+            for path in old:
+                os.remove(path)
         self.rows = list(ckpt["metrics"]) if args.resume else []
         self.frames = list(ckpt["frames"]) if args.resume else []
-        self.start, self.drawn = time.perf_counter(), -math.inf
-        self.elapsed_before = self.rows[-1]["elapsed_s"] if self.rows else 0.0
+        self.drawn = -math.inf  # the clock of samples.gif and the figures; elapsed_s's:
+        self.start = time.perf_counter() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
         if args.resume:
             opt.load_state_dict(ckpt["optimizer"])
             print(f"resuming from {args.checkpoint} at epoch {ckpt['epoch'] + 1}")
 
     def add_row(self, stats, test, train_k, kl_weight, seconds):
-        """One epoch's row of metrics.csv. stats: (batches, 3) per-image recon, KL, loss of each
-        batch; seconds: of the training steps and of the test evaluation."""
+        """metrics.csv's row. stats: (batches, 3) recon, KL, loss; seconds: of training, of test."""
         recon, kl = stats[:, :2].mean(0).tolist()
         self.rows.append({
             "epoch": len(self.rows) + 1, "lr": self.opt.param_groups[0]["lr"],
@@ -412,11 +372,13 @@ class Saver:
             **{f"test_{k}": v for k, v in test.items()},  # recon, kl, neg_elbo, active_units
             "images_per_s": len(stats) * self.args.batch_size / seconds[0],  # of the steps
             "train_s": seconds[0], "test_s": seconds[1],
-            "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
+            "elapsed_s": time.perf_counter() - self.start,
         })  # fmt: skip
 
     def epoch(self, grids, mu, y):
         """grids: {name: (images, nrow)}; mu: the test set's posterior means, y its labels."""
+        from PIL import Image
+
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
         grids.update(latent_grids(self.model.decode, mu[0], mu))
         pixels = {n: save_grid(images, a.out, n, nrow) for n, (images, nrow) in grids.items()}
@@ -425,12 +387,18 @@ class Saver:
         csv = "".join(",".join(map(str, line)) + "\n" for line in lines).encode()
         atomic_write(os.path.join(a.out, "metrics.csv"), lambda f: f.write(csv))
         if epoch == a.epochs or time.perf_counter() - self.drawn >= DRAW_EVERY_S:
-            save_gif(self.frames, os.path.join(a.out, "samples.gif"))
+            first, *rest = (Image.fromarray(f.numpy()) for f in self.frames)
+            ms = [500] * len(rest) + [2000]  # half a second a frame, two for the last
+            gif = dict(save_all=True, append_images=rest, duration=ms, loop=0)
+            atomic_write(os.path.join(a.out, "samples.gif"), lambda f: first.save(f, "gif", **gif))
             atomic_write(os.path.join(a.out, "loss.png"), loss_figure(rows).savefig)  # PNG
             atomic_write(os.path.join(a.out, "latent.png"), latent_figure(mu, y).savefig)
             self.drawn = time.perf_counter()
         self.checkpoint()
-        print(epoch_line(rows[-1], a.epochs), flush=True)  # once the epoch is safe on disk
+        r = rows[-1]
+        train, test = ({k: r[f"{s}_{k}"] for k in TERMS} for s in ("train", "test"))
+        line = f"epoch {epoch:3d}/{a.epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "
+        print(line + f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s", flush=True)
         if epoch == a.epochs:
             print(f"test  active units: {rows[-1]['test_active_units']} of {mu.shape[1]} latent "
                   "dimensions (Var_x E_q(z|x)[z_u] > 0.01, Burda et al. 2015)")  # fmt: skip
@@ -495,11 +463,10 @@ def load_checkpoint(args, model_flags):
 
 def get_device(name):
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+    best = "cuda" if cuda else "mps" if mps else "cpu"
+    if name not in ("auto", "cpu", best):
         raise UserError(f"--device {name}: no such GPU is available here; use --device auto")
-    return torch.device(name)
+    return torch.device(best if name == "auto" else name)
 
 
 def print_header(a, model, data):
@@ -518,15 +485,8 @@ def fmt(m):
     return f"recon {m['recon']:7.2f}  KL {m['kl']:6.2f}  -ELBO {m['neg_elbo']:7.2f}"
 
 
-def epoch_line(r, epochs):
-    train, test = ({k: r[f"{split}_{k}"] for k in TERMS} for split in ("train", "test"))
-    return (f"epoch {r['epoch']:3d}/{epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "
-            f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s")  # fmt: skip
-
-
 def check_finite(loss, epoch, saver):
-    """Stop on a NaN or inf loss (of the epoch's steps, or of the test set, which sees its last
-    step), saying what is on disk and the command that goes on at half the rate."""
+    """A NaN or inf loss stops the run, naming what is on disk and the command to go on with."""
     bad = [v for v in torch.as_tensor(loss).view(-1).tolist() if not math.isfinite(v)]
     if not bad:
         return
@@ -556,9 +516,8 @@ class Progress:
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(saver, result):
-    """Ctrl-C stops at once. The checkpoint on disk holds every finished epoch (a write cut short
-    leaves the one before): say which, print the command that goes on, and leave in `result`
-    what it holds and the exit code, 130."""
+    """Ctrl-C stops at once: say which epoch the checkpoint holds (a write cut short leaves the
+    one before) and the command that goes on; `result` gets what it holds and exit code 130."""
     try:
         yield
     except KeyboardInterrupt:

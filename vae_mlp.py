@@ -23,7 +23,7 @@ MODEL_FLAGS = ("shape", "hidden_dim", "latent_dim")  # VAE(**config) rebuilds it
 
 def get_args(argv=()):
     # fmt: off
-    p = common.ArgumentParser(f"{SCRIPT}.py", __doc__.split("\n\n")[0])
+    p = common.parser(f"{SCRIPT}.py", __doc__.split("\n\n")[0])
     pos_int, pos_float = common.positive_int, common.positive_float
     g = p.add_argument_group("model")
     g.add_argument("--hidden-dim", type=pos_int, default=400, help="width of each hidden layer")
@@ -58,9 +58,8 @@ def get_args(argv=()):
     g = p.add_argument_group("evaluation")
     g.add_argument("--iw-samples", type=common.nonnegative_int, default=10, metavar="K",
                    help="K of the bound L_K on log p(x) at the end (0: off; 1000 for papers)")
-    common.add_run_flags(p, SCRIPT)  # --device --eval-only --generate --out --resume
     # fmt: on
-    return common.parse_args(p, argv, SCRIPT)
+    return common.parse_args(p, argv, SCRIPT)  # and --device --eval-only --generate --out --resume
 
 
 # ---- Model
