@@ -223,10 +223,8 @@ def read_idx(path, dims):
         raise UserError(f"{path} cannot be read ({e}): download it again") from None
     header = 4 + 4 * dims
     shape = [int.from_bytes(data[i : i + 4], "big") for i in range(4, header, 4)]
-    if len(data) < header or data[:4] != bytes([0, 0, 8, dims]):
-        raise UserError(f"{path} is not an IDX file of {dims}-D uint8: download it again")
-    if len(data) != header + math.prod(shape):
-        raise UserError(f"{path} is truncated (its header says {shape}): download it again")
+    if data[:4] != bytes([0, 0, 8, dims]) or len(data) != header + math.prod(shape):
+        raise UserError(f"{path} is not a whole IDX file of {dims}-D uint8: download it again")
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(shape)
 
 
