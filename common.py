@@ -1,5 +1,4 @@
-"""Plumbing for vae_mlp.py and vae_conv.py, none of it the algorithm: a reader can skip this file.
-Flags and printed commands; the data; pictures, metrics.csv, checkpoint.pt; Ctrl-C and errors."""
+"""Plumbing for vae_mlp.py and vae_conv.py, none of it the algorithm: a reader can skip it."""
 
 import argparse
 import contextlib
@@ -14,6 +13,7 @@ import time
 import zlib
 
 import torch
+from PIL import Image, ImageOps
 
 
 class UserError(Exception):
@@ -57,6 +57,8 @@ def parser(prog, description):
 
 EXPERIMENT = ("model", "data", "loss", "training")  # groups of flags that name --out's default
 NOT_NAMED = ("data_dir", "epochs")  # where the data is, and how long: the same experiment
+MUST_MATCH = ("dataset", "image_size", "likelihood", "binarize")  # besides the model's own flags
+RUN_FLAGS = ("script", "out", "checkpoint", "resume", "eval_only", "generate", "device")
 
 
 def parse_args(p, argv, script):
@@ -84,9 +86,8 @@ def parse_args(p, argv, script):
 
 
 def default_out(parser, args):
-    """results/vae_mlp, then each experiment flag not at its default: vae_mlp-beta4-lr0.001. To
-    read a run: the folder with a checkpoint that drops the fewest loss and training flags, so
-    that a flag added to the command that started it (--lr, say) still finds it."""
+    """results/vae_mlp-beta4-lr0.001: the experiment flags not at their default. To read a run:
+    the folder with a checkpoint that drops the fewest loss and training flags (--lr added, say)."""
     words, loose = [], []  # loose: the flags such a command may add
     for group in (g for g in parser._action_groups if g.title in EXPERIMENT):
         for a in group._group_actions:
@@ -129,8 +130,7 @@ TEST_SEED = 0  # the binarized test set, and a folder's test split, the same wha
 
 
 def load_data(args, device):
-    """{'train': (x, y), 'test': (x, y)}: x uint8 (N, C, H, W) on the device, y int64 labels
-    (-1: none); args.shape = (C, H, W). --binarize dynamic: the test set sampled once, fixed."""
+    """{'train': (x, y), 'test': (x, y)}: uint8 images (N, C, H, W), int64 labels (-1: none)."""
     data = read_folder(args) if args.dataset == "folder" else read_mnist(args)
     for split, (x, y) in data.items():
         least = args.batch_size if split == "train" else 2
@@ -148,10 +148,7 @@ def load_data(args, device):
 
 
 def read_folder(args):
-    """The images under DIR, centre-cropped and resized to --image-size, grey if all are; the test
-    set: DIR/test/ beside DIR/train/, else a fixed 10%. Labels: subfolders (DIR/cats/1.png)."""
-    from PIL import Image, ImageOps
-
+    """The images under DIR, centre-cropped and resized to --image-size; subfolders name labels."""
     tops = [os.path.join(args.data_dir, s) for s in ("train", "test")]
     tops = tops if all(map(os.path.isdir, tops)) else [args.data_dir]
     files = [(top, os.path.join(folder, name)) for top in tops
@@ -186,8 +183,7 @@ def read_folder(args):
 
 
 def read_mnist(args):
-    """The four IDX files, gzipped or not, in DIR/MNIST/raw/ (torchvision's layout: it downloads
-    them there if it can; FashionMNIST/ for Fashion-MNIST) or in DIR/ itself."""
+    """The four IDX files, gzipped or not, in DIR/MNIST/raw/ (torchvision's layout) or in DIR/."""
     raw, names = os.path.join(args.data_dir, FOLDER[args.dataset], "raw"), sum(FILES.values(), ())
 
     def find(folder):  # the plain file where both are there
@@ -246,23 +242,19 @@ def atomic_write(path, write):
 
 
 def grid_pixels(images, nrow=None, padding=2):
-    """(N, C, H, W) images in [0, 1] as a uint8 (H', W') or (H', W', 3) grid laid out as
-    torchvision's save_image does (tested): importing torchvision takes seconds."""
+    """(N, C, H, W) in [0, 1] as torchvision's uint8 grid (tested), without its slow import."""
     n, c, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
-    cells = torch.zeros(rows * cols, c, h + padding, w + padding)  # an image below/right of a gap
-    cells[:n, :, padding:, padding:] = images.detach().float().cpu()
-    grid = cells.view(rows, cols, c, h + padding, w + padding).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(rows * (h + padding), cols * (w + padding), c)
-    grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))  # the last gaps
+    grid = torch.zeros(rows * (h + padding) + padding, cols * (w + padding) + padding, c)
+    for i, image in enumerate(images.detach().float().cpu()):  # a gap above and left of each
+        top, left = i // cols * (h + padding) + padding, i % cols * (w + padding) + padding
+        grid[top : top + h, left : left + w] = image.permute(1, 2, 0)
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).squeeze(2).numpy()
 
 
 def save_grid(images, out, name, nrow=None):
     """Writes OUT/name; returns its pixels."""
-    from PIL import Image
-
     pixels = grid_pixels(images, nrow)
     atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
     return pixels
@@ -270,25 +262,21 @@ def save_grid(images, out, name, nrow=None):
 
 @torch.no_grad()
 def latent_grids(decode, mu0, mu_test):
-    """What each latent dimension does: traversal.png sweeps the 10 most used dimensions over
-    -2.5..2.5, one a row, the others at a test image's posterior mean mu0; for a 2-D latent,
-    manifold.png decodes 20 x 20 z over where the test set's means lie, z[1] growing upwards."""
+    """traversal.png: the 10 most used dimensions swept about mu0; manifold.png: a 2-D z plane."""
     mean = lambda z: torch.sigmoid(decode(z))  # noqa: E731  E[x|z] under either likelihood
     dims = mu_test.var(0).argsort(descending=True)[:10]  # the most used dimensions first
     z_rows = mu0.repeat(len(dims), 11, 1)  # (rows, 11, D)
     z_rows[torch.arange(len(dims)), :, dims] = torch.linspace(-2.5, 2.5, 11, device=mu0.device)
     out = {"traversal.png": (mean(z_rows.flatten(0, 1)), 11)}
     if mu_test.shape[1] == 2:
-        lo, hi = mu_test.min(0).values, mu_test.max(0).values
-        z0, z1 = (torch.linspace(lo[i], hi[i], 20, device=mu0.device) for i in (0, 1))
+        z0, z1 = (torch.linspace(*m.aminmax(), 20, device=mu0.device) for m in mu_test.T)
         grid = torch.stack(torch.meshgrid(z0, z1.flip(0), indexing="xy"), -1).view(-1, 2)
-        out["manifold.png"] = (mean(grid), 20)  # (400, 2) z
+        out["manifold.png"] = (mean(grid), 20)  # (400, 2) z, z[1] growing upwards
     return out
 
 
 def latent_figure(mu, y):
-    """Test-set means of q(z|x) coloured by label (-1: none): z[0] against the label in 1-D, the
-    first two principal components above 2-D."""
+    """Test-set means of q(z|x) by label: z[0] against the label in 1-D, the top 2 PCs above 2-D."""
     from matplotlib.figure import Figure  # when first drawn; no pyplot, no GUI
 
     (mu, y), d = (mu.float().cpu(), y.cpu()), mu.shape[1]
@@ -309,8 +297,7 @@ def latent_figure(mu, y):
 
 
 def loss_figure(rows):
-    """-ELBO (left), recon and KL (right) in nats per image after each epoch: the mean over
-    the epoch's training steps as a line, the test set as dots."""
+    """-ELBO, recon and KL by epoch: the training steps' mean as a line, the test set as dots."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))  # fixed margins, as above
@@ -331,12 +318,12 @@ def loss_figure(rows):
 
 TERMS = ("recon", "kl", "neg_elbo")
 OUTPUTS = (".png", ".gif", ".csv", ".pt")  # the files of a run in --out
+CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "frames")
 DRAW_EVERY_S = 300  # samples.gif and the figures: after the first and last epoch, and every 5 min
 
 
 class Saver:
-    """Each epoch's files in --out, then its line on stdout: the grids, metrics.csv, checkpoint.pt;
-    samples.gif, loss.png and latent.png after the first and last epoch and every DRAW_EVERY_S."""
+    """Each epoch's files in --out (see DRAW_EVERY_S), then its line on stdout."""
 
     def __init__(self, args, model_flags, model, opt, ckpt):
         self.args, self.model_flags, self.model, self.opt = args, model_flags, model, opt
@@ -375,8 +362,6 @@ class Saver:
 
     def epoch(self, grids, mu, y):
         """grids: {name: (images, nrow)}; mu: the test set's posterior means, y its labels."""
-        from PIL import Image
-
         a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
         grids.update(latent_grids(self.model.decode, mu[0], mu))
         pixels = {n: save_grid(images, a.out, n, nrow) for n, (images, nrow) in grids.items()}
@@ -409,7 +394,7 @@ class Saver:
             "script": a.script,
             "config": {k: getattr(a, k) for k in self.model_flags},  # VAE(**config) rebuilds it
             "args": {k: v for k, v in vars(a).items() if k not in ("explicit", "argv")},
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
             "optimizer": {**opt, "state": param_state},  # on the CPU: readable without a GPU
             "epoch": self.rows[-1]["epoch"],  # epochs completed
             "metrics": self.rows,
@@ -419,14 +404,8 @@ class Saver:
         atomic_write(a.checkpoint, lambda f: torch.save(state, f))
 
 
-CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "frames")
-MUST_MATCH = ("dataset", "image_size", "likelihood", "binarize")  # besides the model's own flags
-RUN_FLAGS = ("script", "out", "checkpoint", "resume", "eval_only", "generate", "device")
-
-
 def load_checkpoint(args, model_flags):
-    """With --resume, --eval-only or --generate: the checkpoint, checked against this script and
-    the flags typed, whose settings it then takes (but for those typed now); else None."""
+    """For --resume/--eval-only/--generate: the checkpoint, checked; it sets the flags not typed."""
     if not (args.resume or args.eval_only or args.generate):
         return None
     path = args.checkpoint
@@ -486,18 +465,16 @@ def fmt(m):
 def check_finite(loss, epoch, saver):
     """A NaN or inf loss stops the run, naming what is on disk and the command to go on with."""
     bad = [v for v in torch.as_tensor(loss).view(-1).tolist() if not math.isfinite(v)]
-    if not bad:
-        return
-    a, saved = saver.args, len(saver.rows)  # every epoch before this one is on disk
-    kept = f"{a.checkpoint} keeps epoch {saved}" if saved else "nothing was saved"
-    go_on = command(a, *(["--resume"] if saved else []), "--lr", f"{a.lr / 2:g}")
-    what = f"the loss became {bad[0]} in epoch {epoch}: training diverged"
-    raise UserError(f"{what}; {kept}; try a lower rate: {go_on}")
+    if bad:
+        a, saved = saver.args, len(saver.rows)  # every epoch before this one is on disk
+        kept = f"{a.checkpoint} keeps epoch {saved}" if saved else "nothing was saved"
+        go_on = command(a, *(["--resume"] if saved else []), "--lr", f"{a.lr / 2:g}")
+        what = f"the loss became {bad[0]} in epoch {epoch}: training diverged"
+        raise UserError(f"{what}; {kept}; try a lower rate: {go_on}")
 
 
 class Progress:
-    """A live line (done/total, loss) on a terminal or in Jupyter, not in a log or a pipe,
-    redrawn at most 4 times a second: only then is the loss read from the device."""
+    """A live line on a terminal or in Jupyter, 4 redraws a second at most: each reads the loss."""
 
     def __init__(self, label, total):
         jupyter = type(sys.stdout).__module__.startswith("ipykernel")  # draws "\r" as a terminal
@@ -514,22 +491,20 @@ class Progress:
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(saver, result):
-    """Ctrl-C stops at once: say which epoch the checkpoint holds (a write cut short leaves the
-    one before) and the command that goes on; `result` gets what it holds and exit code 130."""
+    """Ctrl-C: say what the checkpoint on disk holds and the command that goes on; exit code 130."""
     try:
         yield
     except KeyboardInterrupt:
         a, rows, path = saver.args, saver.rows, saver.args.checkpoint
         ckpt = torch.load(path, weights_only=True) if os.path.isfile(path) else {"epoch": 0}
         epoch = ckpt["epoch"]
+        message = "stopped in epoch 1; nothing was saved"
         if epoch == a.epochs:
             message = f"stopped in the IWAE bound; get it with: {command(a, '--eval-only')}"
         elif epoch:
             message = (f"stopped in epoch {epoch + 1}; {path} holds epoch {epoch}; "
                        f"resume with: {command(a, '--resume')}")  # fmt: skip
             saver.model.load_state_dict(ckpt["model"])  # the model moved on since
-        else:
-            message = "stopped in epoch 1; nothing was saved"
         print(("\n" if sys.stdout.isatty() else "") + message, file=sys.stderr, flush=True)
         del rows[epoch:]
         test = {k: rows[-1][f"test_{k}"] for k in TERMS} if rows else None
