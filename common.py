@@ -241,8 +241,9 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def grid_pixels(images, nrow=None, padding=2):
-    """(N, C, H, W) in [0, 1] as torchvision's uint8 grid (tested), without its slow import."""
+def save_grid(images, out, name, nrow=None, padding=2):
+    """(N, C, H, W) images in [0, 1] in OUT/name, laid out as torchvision's save_image does
+    (tested) without its slow import; returns the uint8 pixels."""
     n, c, h, w = images.shape
     cols = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / cols)
@@ -250,12 +251,7 @@ def grid_pixels(images, nrow=None, padding=2):
     for i, image in enumerate(images.detach().float().cpu()):  # a gap above and left of each
         top, left = i // cols * (h + padding) + padding, i % cols * (w + padding) + padding
         grid[top : top + h, left : left + w] = image.permute(1, 2, 0)
-    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).squeeze(2).numpy()
-
-
-def save_grid(images, out, name, nrow=None):
-    """Writes OUT/name; returns its pixels."""
-    pixels = grid_pixels(images, nrow)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).squeeze(2).numpy()
     atomic_write(os.path.join(out, name), lambda f: Image.fromarray(pixels).save(f, format="png"))
     return pixels
 
@@ -339,7 +335,7 @@ class Saver:
                 os.remove(path)
         self.rows = list(ckpt["metrics"]) if args.resume else []
         self.frames = list(ckpt["frames"]) if args.resume else []
-        self.drawn = -math.inf  # the clock of samples.gif and the figures; elapsed_s's:
+        self.drawn = -math.inf  # when samples.gif and the figures were last drawn
         self.start = time.perf_counter() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
         if args.resume:
             opt.load_state_dict(ckpt["optimizer"])

@@ -452,14 +452,13 @@ def test_grids_are_laid_out_as_torchvision_does(n, nrow, padding, c, tmp_path):
     from torchvision.utils import save_image
 
     images = torch.rand(n, c, 28, 20, generator=torch.Generator().manual_seed(n))
-    ours = common.grid_pixels(images, nrow, padding)
+    ours = common.save_grid(images, str(tmp_path), "ours.png", nrow, padding)
     save_image(
         images, tmp_path / "theirs.png", nrow=nrow or math.ceil(math.sqrt(n)), padding=padding
     )
     theirs = (imread(tmp_path / "theirs.png")[..., :c] * 255).round().reshape(ours.shape)
     assert ours.shape == theirs.shape and (ours == theirs).all()
-    common.save_grid(images, str(tmp_path), "ours.png", nrow)  # and as a PNG file
-    assert ((imread(tmp_path / "ours.png") * 255).round() == common.grid_pixels(images, nrow)).all()
+    assert ((imread(tmp_path / "ours.png") * 255).round() == ours).all()  # and the PNG file
 
 
 def test_gaussian_warmup_and_schedules_run(data_dir, tmp_path, capsys):
@@ -1139,7 +1138,7 @@ def test_the_sample_grids_decode_the_same_z_every_epoch(data_dir, tmp_path):
         model = vae_mlp.VAE(**ckpt["config"])
         model.load_state_dict(ckpt["model"])
         with torch.no_grad():
-            return common.grid_pixels(torch.sigmoid(model.decode(z)), 8)
+            return common.save_grid(torch.sigmoid(model.decode(z)), str(tmp_path), "z.png", 8)
 
     assert vae_mlp.main([*argv, "--epochs", "1"])["exit_code"] == 0
     first = decoded(load(tmp_path / "checkpoint.pt"))
