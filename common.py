@@ -85,11 +85,11 @@ def parse_args(p, argv, script):
     return args
 
 
-def default_out(parser, args):
+def default_out(p, args):
     """results/vae_mlp-beta4-lr0.001: the experiment flags not at their default. To read a run:
     the folder with a checkpoint that drops the fewest loss and training flags (--lr added, say)."""
     words, loose = [], []  # loose: the flags such a command may add
-    for group in (g for g in parser._action_groups if g.title in EXPERIMENT):
+    for group in (g for g in p._action_groups if g.title in EXPERIMENT):
         for a in group._group_actions:
             value = getattr(args, a.dest)
             if value != a.default and a.dest not in NOT_NAMED:
