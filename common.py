@@ -379,7 +379,7 @@ class Saver:
         line = f"epoch {epoch:3d}/{a.epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "
         print(line + f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s", flush=True)
         if epoch == a.epochs:
-            print(f"test  active units: {rows[-1]['test_active_units']} of {mu.shape[1]} latent "
+            print(f"test  active units: {r['test_active_units']} of {mu.shape[1]} latent "
                   "dimensions (Var_x E_q(z|x)[z_u] > 0.01, Burda et al. 2015)")  # fmt: skip
 
     def checkpoint(self, final=None):
