@@ -41,16 +41,9 @@ seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
 multiple_of_4 = _number(int, lambda v: v > 0 and v % 4 == 0, "a multiple of 4 for the conv net")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)", no "(default: False)"
-        shown = action.default is not None and action.default is not False
-        return super()._get_help_string(action) if shown else action.help
-
-
 def parser(prog, description):
-    """argparse with the defaults in --help, no prefixes of flags, a bad flag in one line."""
-    p = argparse.ArgumentParser(prog, description=description, formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # fmt: skip
+    """argparse with no prefixes of flags and a bad flag in one line."""
+    p = argparse.ArgumentParser(prog, description=description, allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")
     return p
 
@@ -71,11 +64,13 @@ def parse_args(p, argv, script):
                    help="load OUT/checkpoint.pt, print test metrics and the IWAE bound")
     g.add_argument("--generate", type=positive_int, metavar="N",
                    help="load OUT/checkpoint.pt, write N samples to OUT/generated.png")
-    g = p.add_argument_group("output")
     g.add_argument("--out", help=f"the run's folder (default: results/{script}, then the flags "
                    f"not at their default but --epochs and --data-dir: results/{script}-beta4)")
     g.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     # fmt: on
+    for a in p._actions:  # "(default: X)" in --help, but for None, False and --help's own
+        if a.default not in (None, argparse.SUPPRESS) and not isinstance(a.default, bool):
+            a.help += " (default: %(default)s)"
     args = p.parse_args(list(argv))
     args.script, args.argv, args.shape = script, list(argv), None  # shape: the data's (C, H, W)
     typed = {w.split("=")[0] for w in argv}  # allow_abbrev=False: no prefixes
