@@ -135,10 +135,7 @@ def load_data(args, device):
             g = torch.Generator().manual_seed(TEST_SEED)
             x = (torch.bernoulli(x / 255.0, generator=g) * 255).to(torch.uint8)
         data[split] = (x.to(device), y.to(device))
-    shape = tuple(data["train"][0].shape[1:])
-    if args.shape and tuple(args.shape) != shape:
-        raise UserError(f"the images are {shape}, the checkpoint's model takes {tuple(args.shape)}")
-    args.shape = shape
+    args.shape = tuple(data["train"][0].shape[1:])
     return data
 
 
@@ -229,8 +226,6 @@ def atomic_write(path, write):
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -309,7 +304,6 @@ def loss_figure(rows):
 
 TERMS = ("recon", "kl", "neg_elbo")
 OUTPUTS = (".png", ".gif", ".csv", ".pt")  # the files of a run in --out
-CHECKPOINT_KEYS = ("script", "config", "args", "model", "optimizer", "epoch", "metrics", "frames")
 DRAW_EVERY_S = 300  # samples.gif and the figures: after the first and last epoch, and every 5 min
 
 
@@ -321,13 +315,10 @@ class Saver:
         try:  # a new run removes the files of the run there
             os.makedirs(args.out, exist_ok=True)
             old = [f.path for f in os.scandir(args.out) if f.name.endswith(OUTPUTS)]
+            for path in [] if args.resume else old:
+                os.remove(path)
         except OSError as e:
             raise UserError(f"--out: cannot write to folder {args.out}: {e.strerror}") from None
-        if old and not args.resume:
-            print(f"note: {args.out}/ held an earlier run; starting a new one in its place",
-                  file=sys.stderr)  # fmt: skip
-            for path in old:
-                os.remove(path)
         self.rows = list(ckpt["metrics"]) if args.resume else []
         self.frames = list(ckpt["frames"]) if args.resume else []
         self.drawn = -math.inf  # when samples.gif and the figures were last drawn
@@ -353,7 +344,7 @@ class Saver:
 
     def epoch(self, grids, mu, y):
         """grids: {name: (images, nrow)}; mu: the test set's posterior means, y its labels."""
-        a, rows, epoch = self.args, self.rows, self.rows[-1]["epoch"]
+        a, rows, r, epoch = self.args, self.rows, self.rows[-1], len(self.rows)
         grids.update(latent_grids(self.model.decode, mu[0], mu))
         pixels = {n: save_grid(images, a.out, n, nrow) for n, (images, nrow) in grids.items()}
         self.frames.append(torch.from_numpy(pixels["samples.png"]))  # as written, for the GIF
@@ -369,7 +360,6 @@ class Saver:
             atomic_write(os.path.join(a.out, "latent.png"), latent_figure(mu, y).savefig)
             self.drawn = time.perf_counter()
         self.checkpoint()
-        r = rows[-1]
         train, test = ({k: r[f"{s}_{k}"] for k in TERMS} for s in ("train", "test"))
         line = f"epoch {epoch:3d}/{a.epochs}  train {fmt(train)}  |  test {fmt(test)}  |  "
         print(line + f"{r['images_per_s']:6.0f} img/s  {r['elapsed_s']:6.1f} s", flush=True)
@@ -408,11 +398,8 @@ def load_checkpoint(args, model_flags):
         if isinstance(e, pickle.UnpicklingError) and "unsupported" in str(e).lower():
             raise UserError(f"refusing to load {path}: loading it could run code") from None
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    complete = isinstance(ckpt, dict) and set(CHECKPOINT_KEYS) <= ckpt.keys()
-    if not complete or not set(model_flags) <= ckpt["config"].keys():  # or by an older version
-        raise UserError(f"{path} is not a checkpoint written by this version of these scripts")
-    if ckpt["script"] != args.script:
-        raise UserError(f"{path} was written by {ckpt['script']}.py, not {args.script}.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != args.script:
+        raise UserError(f"{path} is not a checkpoint of {args.script}.py")
     for key in (k for k in (*model_flags, *MUST_MATCH) if k in args.explicit):
         flag, then, now = "--" + key.replace("_", "-"), ckpt["args"][key], getattr(args, key)
         if now != then:
@@ -489,15 +476,12 @@ def stop_on_ctrl_c(saver, result):
         a, rows, path = saver.args, saver.rows, saver.args.checkpoint
         ckpt = torch.load(path, weights_only=True) if os.path.isfile(path) else {"epoch": 0}
         epoch = ckpt["epoch"]
-        message = "stopped in epoch 1; nothing was saved"
-        if epoch == a.epochs:
-            message = f"stopped in the IWAE bound; get it with: {command(a, '--eval-only')}"
-        elif epoch:
-            message = (f"stopped in epoch {epoch + 1}; {path} holds epoch {epoch}; "
-                       f"resume with: {command(a, '--resume')}")  # fmt: skip
+        del rows[epoch:]  # as on disk
+        go_on = command(a, "--resume" if epoch < a.epochs else "--eval-only")  # or the bound
+        held = f"{path} holds epoch {epoch}; go on with: {go_on}" if epoch else "nothing was saved"
+        print(("\n" if sys.stdout.isatty() else "") + "stopped; " + held, file=sys.stderr)
+        if epoch:
             saver.model.load_state_dict(ckpt["model"])  # the model moved on since
-        print(("\n" if sys.stdout.isatty() else "") + message, file=sys.stderr, flush=True)
-        del rows[epoch:]
         test = {k: rows[-1][f"test_{k}"] for k in TERMS} if rows else None
         result.update(model=saver.model if rows else None, test=test, exit_code=130)
 
@@ -509,6 +493,3 @@ def run(main, argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before training started
-        print("interrupted", file=sys.stderr)
-        return 130

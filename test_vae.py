@@ -611,7 +611,7 @@ def test_interrupted_in_epoch_1_returns_no_model(data_dir, tmp_path, monkeypatch
     result = vae_mlp.main(["--data-dir", data_dir, "--out", str(tmp_path), *RESUMABLE])
     assert result["exit_code"] == 130 and result["metrics"] == []
     assert result["model"] is None and result["test"] is None
-    assert "stopped in epoch 1; nothing was saved" in capsys.readouterr().err
+    assert "stopped; nothing was saved" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
@@ -629,7 +629,8 @@ def test_ctrl_c_in_the_final_bound_stops_at_once(data_dir, tmp_path, monkeypatch
     assert vae_mlp.main(argv)["exit_code"] == 130
     assert len(calls) == 1  # stopped in the first decoder call of the bound
     err = capsys.readouterr().err
-    assert "stopped in the IWAE bound" in err and "--eval-only" in err
+    assert f"stopped; {tmp_path / 'checkpoint.pt'} holds epoch 1; go on with: " in err
+    assert shlex.split(err.split("go on with: ")[1])[-3:] == ["--eval-only", "--out", str(tmp_path)]
     assert load(tmp_path / "checkpoint.pt")["epoch"] == 1  # the trained model is kept
 
 
@@ -679,7 +680,7 @@ def test_a_signal_while_the_checkpoint_is_written_names_the_epoch_on_disk(
     on_disk = 2 if after_rename else 1
     ckpt = load(tmp_path / "checkpoint.pt")
     assert result["exit_code"] == 130 and ckpt["epoch"] == on_disk
-    assert f"holds epoch {on_disk}; resume with" in capsys.readouterr().err
+    assert f"holds epoch {on_disk}; go on with: " in capsys.readouterr().err
     assert [r["epoch"] for r in result["metrics"]] == list(range(1, on_disk + 1))
     assert result["test"]["neg_elbo"] == ckpt["metrics"][-1]["test_neg_elbo"]
     for name, value in result["model"].state_dict().items():
@@ -733,7 +734,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(common.UserError, match="cannot write .*checkpoint.pt: No space left"):
+    with pytest.raises(OSError, match="No space left"):
         common.atomic_write(path, lambda f: torch.save({"epoch": 2}, f))
     monkeypatch.undo()
     assert load(path)["epoch"] == 1
@@ -828,10 +829,9 @@ def bad_cases(tmp):
 
     case("no checkpoint", ckpt("none", "--eval-only"), f(tmp, "none/checkpoint.pt"))
     case("a truncated checkpoint", ckpt("trunc", "--resume"), f(tmp, "trunc/checkpoint.pt"))
-    case("a foreign checkpoint", ckpt("foreign", "--generate", "4"), "not a checkpoint written")
-    case("an older version's checkpoint", ckpt("old", "--generate", "4"), "this version")
+    case("a foreign checkpoint", ckpt("foreign", "--generate", "4"), "not a checkpoint of vae_mlp")
     case("a code-running checkpoint", ckpt("evil", "--eval-only"), "could run code")
-    case("another script's checkpoint", ckpt("conv", "--resume"), "written by vae_conv.py")
+    case("another script's checkpoint", ckpt("conv", "--resume"), "not a checkpoint of vae_mlp")
     case("a mismatched checkpoint", ["--out", mlp, "--eval-only", "--latent-dim", "8"],
          "--latent-dim 20, not 8")  # fmt: skip
     further = f"to train further: python vae_mlp.py --data-dir {good} --resume --epochs 11"
@@ -853,15 +853,13 @@ def test_bad_input_is_one_line(data_dir, tmp_path, capsys):
     mlp, conv = os.path.join(tmp, "mlp"), os.path.join(tmp, "conv")
     train(vae_mlp, os.path.join(tmp, "good"), mlp, "--iw-samples", "0")
     train(vae_conv, os.path.join(tmp, "good"), conv, "--iw-samples", "0", "--latent-dim", "4")
-    for name in ("trunc", "foreign", "evil", "old"):
+    for name in ("trunc", "foreign", "evil"):
         os.makedirs(os.path.join(tmp, name))
     truncate_to = os.path.join(tmp, "trunc", "checkpoint.pt")
     open(truncate_to, "wb").write(open(os.path.join(mlp, "checkpoint.pt"), "rb").read()[:5000])
     torch.save({"weights": torch.zeros(3)}, os.path.join(tmp, "foreign", "checkpoint.pt"))
     RunsCode.mark = os.path.join(tmp, "code-ran")
     state = load(os.path.join(mlp, "checkpoint.pt"))
-    del state["config"]["shape"]  # as written before the models took the data's shape
-    torch.save(state, os.path.join(tmp, "old", "checkpoint.pt"))
     state["final"] = RunsCode()
     torch.save(state, os.path.join(tmp, "evil", "checkpoint.pt"))
     capsys.readouterr()
@@ -966,7 +964,7 @@ def test_checkpoint_is_on_the_cpu(data_dir, tmp_path):
     assert ckpt["optimizer"]["param_groups"][0]["fused"] is True  # fused Adam on the CPU
 
 
-def test_a_new_run_replaces_the_old_run_and_says_so(data_dir, tmp_path, capsys):
+def test_a_new_run_replaces_the_old_run(data_dir, tmp_path, capsys):
     train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0", "--latent-dim", "2")  # 1 epoch
     vae_mlp.main(["--out", str(tmp_path), "--generate", "4"])
     before = sorted(os.listdir(tmp_path))
@@ -974,8 +972,6 @@ def test_a_new_run_replaces_the_old_run_and_says_so(data_dir, tmp_path, capsys):
     code, err = exit_of(vae_mlp.main, argv, capsys)
     assert code == 1 and sorted(os.listdir(tmp_path)) == before  # a failed start removes nothing
     train(vae_mlp, data_dir, tmp_path, "--iw-samples", "0")  # 1 epoch, latent 20
-    err = capsys.readouterr().err.splitlines()
-    assert err == [f"note: {tmp_path}/ held an earlier run; starting a new one in its place"]
     left = sorted(os.listdir(tmp_path))
     assert "manifold.png" not in left and "generated.png" not in left, left
     assert len(read_metrics(tmp_path)) == 1 and load(tmp_path / "checkpoint.pt")["epoch"] == 1
